@@ -1,0 +1,90 @@
+"""Every metric the exporter serves, defined once, rendered from state at scrape time.
+
+Each area module (``tasks``, ``workers``, ``exporter_self``...) declares its
+``DEFINITIONS`` and a ``collect(ctx)`` generator of ``(definition, label
+values, value)``; this module turns them into Prometheus families with the
+configured prefix and static labels. Nothing is cached between scrapes, so a
+worker or queue that went away leaves no stale series.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from prometheus_client.metrics_core import Metric
+
+from .definitions import AREAS, MetricDef, all_definitions
+from .text import render_families
+
+__all__ = ["MetricDef", "ScrapeContext", "StateCollector", "all_definitions"]
+
+
+@dataclass
+class ScrapeContext:
+    """What a collect function may read: the state (lock held), the sources' health, the clock."""
+
+    state: object
+    sources: list = field(default_factory=list)
+    now: float = 0.0
+    _in_flight: tuple | None = None
+
+    @property
+    def in_flight(self) -> tuple:
+        """The one pass over the in-flight task table, shared by every area of a scrape."""
+        if self._in_flight is None:
+            self._in_flight = self.state.in_flight()
+        return self._in_flight
+
+
+class StateCollector:
+    """A prometheus_client collector over the cluster state and the sources."""
+
+    def __init__(self, state, sources, *, prefix: str = "celery_", static_labels: dict | None = None):
+        self.state = state
+        self.sources = sources
+        self.prefix = prefix
+        self.static_labels = dict(static_labels or {})
+
+    def samples(self):
+        """Every (definition, label values, value) of a scrape. The state lock is held
+        while the caller consumes it: consume it at once."""
+        now = time.time()
+        ctx = ScrapeContext(self.state, self.sources, now)
+        with self.state.lock:
+            self.state.expire(now)
+            for area in AREAS:
+                yield from area.collect(ctx)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[MetricDef, Metric] = {}
+        for definition, label_values, value in self.samples():
+            family = families.get(definition)
+            if family is None:
+                family = families[definition] = Metric(
+                    self.prefix + definition.name, definition.help, definition.kind)
+            self._add(family, definition, label_values, value)
+        return iter(families.values())
+
+    def render(self, openmetrics: bool = False) -> str:
+        """The exposition text of the state's metrics, written directly.
+
+        Same output as prometheus_client's encoders for these families (a test checks
+        it), without building a Metric and a Sample object per line: at 1,000 task
+        flows that took about a second, under the state lock."""
+        return render_families(self.samples(), self.prefix, self.static_labels, openmetrics)
+
+    def _add(self, family: Metric, definition: MetricDef, label_values: Iterable, value) -> None:
+        labels = dict(zip(definition.labels, label_values))
+        if self.static_labels:
+            labels = {**self.static_labels, **labels}
+        name = family.name
+        if definition.kind == "counter":
+            family.add_sample(name + "_total", labels, value)
+        elif definition.kind == "histogram":
+            for le, count in value.cumulative():
+                family.add_sample(name + "_bucket", {**labels, "le": le}, count)
+            family.add_sample(name + "_count", labels, value.count)
+            family.add_sample(name + "_sum", labels, value.sum)
+        else:
+            family.add_sample(name, labels, value)

@@ -1,0 +1,38 @@
+"""The exporter's own health: what it received, how late, and whether its sources work."""
+from __future__ import annotations
+
+from .definitions import counter, gauge, histogram
+
+EVENTS = counter("exporter_events", "Celery events received, by event type.", "type")
+MALFORMED = counter("exporter_events_malformed", "Event messages or events that could not be used, by reason.",
+                    "reason")
+EVENT_LAG = histogram("exporter_event_lag_seconds",
+                      "Seconds between an event's timestamp (corrected with its utcoffset) and its processing.")
+SOURCE_UP = gauge("exporter_source_up", "1 when the source's last attempt to read succeeded.", "source",
+                  source="all")
+SOURCE_LAST_SUCCESS = gauge("exporter_source_last_success_timestamp_seconds",
+                            "Unix time of the source's last successful read.", "source", source="all")
+RECONNECTS = counter("exporter_broker_reconnects", "Times the events source reconnected to the broker after "
+                     "losing it.")
+TRACKED = gauge("exporter_tracked_tasks", "Tasks in the in-flight table (bounded by --max-tracked-tasks).")
+EVICTED = counter("exporter_tracked_tasks_evicted", "In-flight tasks dropped from the table because it was full.")
+
+DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED)
+
+
+def collect(ctx):
+    state = ctx.state
+    for kind, count in state.events_by_type.items():
+        yield EVENTS, (kind,), count
+    for reason, count in state.malformed.items():
+        yield MALFORMED, (reason,), count
+    yield EVENT_LAG, (), state.event_lag
+    yield TRACKED, (), state.tracked_tasks
+    yield EVICTED, (), state.tracked_evicted
+    for source in ctx.sources:
+        health = source.health
+        yield SOURCE_UP, (source.name,), 1 if health.up else 0
+        if health.last_success is not None:
+            yield SOURCE_LAST_SUCCESS, (source.name,), health.last_success
+        if source.name == "events":
+            yield RECONNECTS, (), health.reconnects

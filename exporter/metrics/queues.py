@@ -1,0 +1,93 @@
+"""Queues and the broker, polled from the broker itself (RabbitMQ management API or AMQP, Redis keys)."""
+from __future__ import annotations
+
+from .definitions import counter, gauge
+
+Q = "queue_name"
+BOTH, RABBITMQ, REDIS = "rabbitmq, redis", "rabbitmq", "redis"
+
+LENGTH = gauge("queue_length", "Messages ready in the queue, waiting for a consumer (RabbitMQ messages_ready; "
+               "Redis: LLEN of the queue plus its priority sub-queues).", Q, source=BOTH)
+LENGTH_BY_PRIORITY = gauge("queue_length_by_priority", "Messages ready in the queue per priority step "
+                           "(Redis priority sub-queues; kombu floors a priority to its step).", Q, "priority",
+                           source=REDIS)
+UNACKED = gauge("queue_unacked", "Messages delivered to a consumer and not yet acknowledged (Redis: entries of "
+                "the `unacked` hash attributed by routing key; see celery_broker_unacked_sampled).", Q,
+                source=BOTH)
+OLDEST_UNACKED_AGE = gauge("queue_oldest_unacked_age_seconds", "Seconds since the oldest unacknowledged "
+                           "message of the queue was delivered (Redis). Past celery_broker_visibility_timeout_seconds"
+                           " kombu re-delivers it: the task runs twice.", Q, source=REDIS)
+VISIBILITY_TIMEOUT = gauge("broker_visibility_timeout_seconds", "Redis transport visibility_timeout the "
+                           "exporter was given (kombu default 3600): unacked messages older than this are "
+                           "re-delivered.", source=REDIS)
+UNACKED_SAMPLED = gauge("broker_unacked_sampled", "1 when celery_queue_unacked was scaled up from a sample of the "
+                        "Redis `unacked` hash (more entries than the scan budget), 0 when counted exactly.",
+                        source=REDIS)
+CONSUMERS = gauge("active_consumer_count", "Consumers of the queue (RabbitMQ: the broker's count; Redis: workers "
+                  "whose active_queues include it, absent while no worker's queues are known). 0 with messages "
+                  "waiting = a black hole.", Q, source=BOTH)
+UTILISATION = gauge("queue_consumer_utilisation", "Fraction of time the queue could deliver to its consumers at "
+                    "once (RabbitMQ consumer_utilisation; absent without consumers).", Q, source=RABBITMQ)
+PUBLISHED = counter("queue_messages_published", "Messages published into the queue, the broker's cumulative count "
+                    "(RabbitMQ message_stats.publish; 0 until the queue has activity).", Q, source=RABBITMQ)
+DELIVERED = counter("queue_messages_delivered", "Messages delivered to consumers, the broker's cumulative count "
+                    "(RabbitMQ message_stats.deliver_get).", Q, source=RABBITMQ)
+REDELIVERED = counter("queue_messages_redelivered", "Messages delivered again after a consumer failed to ack them "
+                      "(RabbitMQ message_stats.redeliver).", Q, source=RABBITMQ)
+ACKED = counter("queue_messages_acked", "Messages acknowledged by consumers (RabbitMQ message_stats.ack).", Q,
+                source=RABBITMQ)
+OLDEST_UNSTARTED = gauge("queue_oldest_unstarted_task_age_seconds", "Age of the oldest task sent or received but "
+                         "not started, from events (from its ETA for ETA tasks; absent when none waits).", Q)
+BROKER_UP = gauge("broker_up", "1 when the last poll of the broker's queues succeeded; 0 while it fails (the queue "
+                  "numbers are then absent, not stale).", "broker", source=BOTH)
+CONNECTIONS = gauge("broker_connections", "Client connections to the broker's vhost (RabbitMQ management API); "
+                    "churn shows reconnect storms.", source=RABBITMQ)
+
+DEFINITIONS = (LENGTH, LENGTH_BY_PRIORITY, UNACKED, OLDEST_UNACKED_AGE, VISIBILITY_TIMEOUT, UNACKED_SAMPLED,
+               CONSUMERS, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, OLDEST_UNSTARTED, BROKER_UP,
+               CONNECTIONS)
+
+_COUNTERS = ((PUBLISHED, "published"), (DELIVERED, "delivered"), (REDELIVERED, "redelivered"), (ACKED, "acked"))
+
+
+def collect(ctx):
+    state = ctx.state
+    broker = getattr(state, "broker", None)
+    if broker is None:
+        return
+    now = ctx.now
+    for queue, age in broker.oldest_unstarted(state, now).items():
+        yield OLDEST_UNSTARTED, (queue,), age
+    if broker.up is None:  # no broker poller configured
+        return
+    yield BROKER_UP, (broker.broker,), 1 if broker.up else 0
+    snapshot = broker.snapshot
+    if snapshot is None:
+        return
+    if snapshot.visibility_timeout is not None:
+        yield VISIBILITY_TIMEOUT, (), snapshot.visibility_timeout
+    if snapshot.unacked_sampled is not None:
+        yield UNACKED_SAMPLED, (), 1 if snapshot.unacked_sampled else 0
+    if snapshot.connections is not None:
+        yield CONNECTIONS, (), snapshot.connections
+    worker_consumers = broker.consumers_from_workers(state) if snapshot.consumers_from_workers else None
+    for name, stats in snapshot.queues.items():
+        labels = (name,)
+        yield LENGTH, labels, stats.ready
+        if stats.by_priority is not None:
+            for priority, length in stats.by_priority.items():
+                yield LENGTH_BY_PRIORITY, (name, priority), length
+        if stats.unacked is not None:
+            yield UNACKED, labels, stats.unacked
+        if stats.oldest_unacked_at is not None:
+            yield OLDEST_UNACKED_AGE, labels, max(0.0, now - stats.oldest_unacked_at)
+        if stats.consumers is not None:
+            yield CONSUMERS, labels, stats.consumers
+        elif worker_consumers is not None:
+            yield CONSUMERS, labels, worker_consumers.get(name, 0)
+        if stats.consumer_utilisation is not None:
+            yield UTILISATION, labels, stats.consumer_utilisation
+        for definition, attribute in _COUNTERS:
+            value = getattr(stats, attribute)
+            if value is not None:
+                yield definition, labels, value

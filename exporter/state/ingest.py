@@ -1,0 +1,39 @@
+"""What the events source knows about its own intake: what the broker dropped, what waits.
+
+Kept apart from the cluster model: these numbers describe the pipe, not the
+cluster. Plain integers written by the events thread and read at scrape
+time (a torn read of an int cannot happen in CPython).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IngestStats:
+    # event messages the broker dropped before we read them, by reason
+    # (RabbitMQ: our queue's TTL or max length, read from the management API)
+    lost_messages: dict = field(default_factory=dict)
+    # times the broker closed our subscription while we were consuming (Redis:
+    # every event published until we subscribe again is gone)
+    subscription_drops: int = 0
+    # bytes read from the broker and not yet applied (Redis reader buffer)
+    backlog_bytes: int = 0
+    # messages received, and message bodies that could not be used
+    messages: int = 0
+    # the shared task-event queue of --shard-task-events, when sharded
+    shard_queue: str = ""
+    # last raw estimate per queue role, to credit a loss only once it is stable
+    _pending: dict = field(default_factory=dict)
+
+    def observe_queue_drops(self, role: str, dropped: int) -> None:
+        """``dropped`` = published - delivered - still queued, from one stats
+        snapshot of the broker. Credited when two snapshots agree (the broker's
+        statistics lag behind by a few seconds), never going backwards."""
+        if dropped <= 0:
+            self._pending[role] = 0
+            return
+        if self._pending.get(role) == dropped:
+            key = f"queue_dropped_{role}"
+            self.lost_messages[key] = max(self.lost_messages.get(key, 0), dropped)
+        self._pending[role] = dropped

@@ -1,0 +1,685 @@
+"""The in-memory model of a Celery cluster, fed by events, read at scrape time.
+
+Pure Python, no I/O: every method takes ``now`` so tests control time. Memory
+is bounded: the in-flight task table has a hard cap (oldest evicted and
+counted), workers that stay gone are purged with all their series.
+
+Thread model: sources apply events from their own threads and the HTTP server
+renders from another; both hold ``ClusterState.lock`` while they touch it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from .cardinality import OTHER, CardinalityCaps
+from .events import MalformedEvent, adjusted_timestamp, event_type, exception_class, number, text
+from .histogram import Histogram
+from .queues import BrokerState
+from .hosts import HostState
+from .publishers import PublisherState
+
+UNKNOWN = "unknown"
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+MAX_EVENT_TYPES = 64  # custom event types are user-defined strings: keep the label bounded
+CHILD_TASK_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500, 1000)
+HOOK_REASONS = ("memory", "tasks", "signal", "error")
+
+
+def local_utcoffset() -> float:
+    """This host's offset to UTC in hours, as Celery computes it for its events."""
+    t = time.localtime()
+    seconds_west = time.altzone if (time.daylight and t.tm_isdst > 0) else time.timezone
+    return -seconds_west / 3600
+
+
+class TaskFlow:
+    """Counters and histograms of one (task name, queue) on one worker.
+
+    All counters exist from the moment the label set is first seen, at 0, so
+    that ``increase()`` sees the first success/failure/retry of a task.
+    """
+
+    __slots__ = ("received", "started", "succeeded", "retried", "revoked", "rejected", "failed",
+                 "runtime", "queue_wait", "created")
+
+    def __init__(self, runtime_buckets: tuple, queue_wait_buckets: tuple, now: float):
+        self.received = self.started = self.succeeded = 0
+        self.retried = self.revoked = self.rejected = 0
+        self.failed: dict[str, int] = {}
+        self.runtime = Histogram(runtime_buckets)
+        self.queue_wait = Histogram(queue_wait_buckets)
+        self.created = now
+
+
+class WorkerState:
+    __slots__ = ("hostname", "up", "online", "last_heartbeat", "freq", "active", "processed",
+                 "sw_ident", "sw_ver", "sw_sys", "pid", "first_seen", "down_since", "flows",
+                 "start_time", "restarts", "unclean_shutdowns", "epoch", "running", "busy_since", "progress_at",
+                 "pool_processes", "max_concurrency", "prefetch_count", "max_tasks_per_child",
+                 "max_memory_per_child", "limits_from_hook", "child_pids", "child_pids_of", "child_replacements",
+                 "child_tasks", "child_peak_rss", "hook_snapshot", "revoked", "revoked_limit", "revoked_at",
+                 "inspect_prefetched", "inspect_oldest_start")
+
+    def __init__(self, hostname: str, now: float):
+        self.hostname = hostname
+        self.up = False
+        self.online = False  # False after worker-offline, until it comes back
+        self.last_heartbeat: float | None = None  # local wall time of the last worker event
+        self.freq = 2.0
+        self.active: int | None = None
+        self.processed: int | None = None
+        self.sw_ident = self.sw_ver = self.sw_sys = ""
+        self.pid: int | None = None
+        self.first_seen = now
+        self.down_since: float | None = now
+        self.flows: dict[tuple[str, str], TaskFlow] = {}
+        # lifecycle
+        self.start_time: float | None = None
+        self.restarts = 0
+        self.unclean_shutdowns = 0
+        self.epoch = 0  # +1 whenever the process behind this node name is gone
+        self.running = 0  # started, unfinished tasks of the current process (from events)
+        self.busy_since: float | None = None
+        self.progress_at = now  # last time the worker finished a task
+        # from remote control and the worker hook
+        self.pool_processes: int | None = None
+        self.max_concurrency: int | None = None
+        self.prefetch_count: int | None = None
+        self.max_tasks_per_child: int | None = None
+        self.max_memory_per_child: int | None = None  # bytes
+        self.limits_from_hook = False
+        self.child_pids: frozenset | None = None
+        self.child_pids_of: int | None = None  # main pid the child pids belong to
+        self.child_replacements: dict[str, int] = {}
+        self.child_tasks: Histogram | None = None  # only with the hook
+        self.child_peak_rss: int | None = None
+        self.hook_snapshot: tuple[int, dict] | None = None  # (main pid, last cumulative reply)
+        self.revoked: int | None = None
+        self.revoked_limit: int | None = None
+        self.revoked_at: float | None = None
+        # from inspect active/reserved: used for workers that send no task events
+        self.inspect_prefetched: int | None = None
+        self.inspect_oldest_start: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0 or bool(self.active)
+
+
+class TaskRecord:
+    """A task between its first event and its terminal one."""
+
+    __slots__ = ("name", "queue", "hostname", "state", "sent_at", "received_at", "started_at", "eta",
+                 "started_local", "epoch")
+
+    def __init__(self, name: str | None):
+        self.name = name
+        self.queue: str | None = None
+        self.hostname: str | None = None
+        self.state = "PENDING"
+        self.sent_at: float | None = None  # publisher's clock, from task-sent
+        self.received_at: float | None = None
+        self.started_at: float | None = None
+        self.eta: float | None = None
+        self.started_local: float | None = None  # our clock: ages must not depend on the worker's
+        self.epoch = 0  # the worker process epoch the task was running in
+
+
+class ClusterState:
+    def __init__(
+        self,
+        *,
+        worker_timeout: float = 15.0,
+        purge_offline_after: float = 600.0,
+        runtime_buckets: tuple = (0.1, 1, 10),
+        queue_wait_buckets: tuple = (0.1, 1, 10),
+        max_tracked_tasks: int = 100_000,
+        stall_after: float = 300.0,
+        lost_task_grace: float = 30.0,
+        caps: CardinalityCaps | None = None,
+        utcoffset: float | None = None,
+        now: float | None = None,
+    ):
+        self.lock = threading.Lock()
+        # Label values come from whoever writes to the broker: bounded, the excess folded into "other".
+        self.cardinality = caps if caps is not None else CardinalityCaps()
+        self.stall_after = stall_after
+        self.lost_task_grace = lost_task_grace
+        self.worker_timeout = worker_timeout
+        self.purge_offline_after = purge_offline_after
+        self.runtime_buckets = tuple(runtime_buckets)
+        self.queue_wait_buckets = tuple(queue_wait_buckets)
+        self.max_tracked_tasks = max_tracked_tasks
+        self.utcoffset = local_utcoffset() if utcoffset is None else utcoffset
+        self.started_at = time.time() if now is None else now
+
+        self.workers: dict[str, WorkerState] = {}
+        self.sent: dict[tuple[str, str], int] = {}
+        self.tasks: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.tracked_evicted = 0
+        # Events of one task can arrive out of order (workers batch them): a late
+        # task-retried after the retry's own task-succeeded still finds its name here.
+        self.finished: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.max_finished = min(max_tracked_tasks, 10_000)
+        self.queue_of_name: dict[str, str] = {}  # learned from task-sent: routing is usually per name
+        self.worker_queues: dict[str, frozenset] = {}  # from remote control, when available
+        self.events_by_type: dict[str, int] = {}
+        self.malformed: dict[str, int] = {}
+        self.event_lag = Histogram(LAG_BUCKETS)
+        self.task_events = 0
+        self.expired: dict[tuple[str, str], int] = {}
+        self.lost: dict[tuple[str, str, str], int] = {}
+        self.unpicklable: dict[tuple[str, str], int] = {}
+        # (deadline, hostname, epoch that ended, which task states count as lost)
+        self.pending_lost: list[tuple[float, str, int, tuple]] = []
+
+        self._handlers = {
+            "task-sent": self._on_task_sent,
+            "task-received": self._on_task_received,
+            "task-started": self._on_task_started,
+            "task-succeeded": self._on_task_succeeded,
+            "task-failed": self._on_task_failed,
+            "task-retried": self._on_task_retried,
+            "task-revoked": self._on_task_revoked,
+            "task-rejected": self._on_task_rejected,
+            "worker-online": self._on_worker_online,
+            "worker-heartbeat": self._on_worker_heartbeat,
+            "worker-offline": self._on_worker_offline,
+        }
+        self.broker = BrokerState()  # queues as the broker poller last saw them
+        self.hosts = HostState(purge_after=purge_offline_after)  # worker processes seen by the host agent
+        self.publishers = PublisherState(self)  # publisher hook totals (registers its event handler)
+
+    def register_handler(self, event_type: str, handler) -> None:
+        """Let a part of the model outside this class take an event type of its
+        own (e.g. the publisher hook's custom event). ``handler(event, now, ts)``."""
+        self._handlers[event_type] = handler
+
+    # ----------------------------------------------------------------- input
+
+    def apply(self, event, now: float) -> None:
+        """Apply one decoded event. Malformed events are counted, never raised."""
+        try:
+            kind = event_type(event)
+            handler = self._handlers.get(kind)
+            self._count_type(kind)
+            ts = adjusted_timestamp(event, self.utcoffset)
+            if ts is not None:
+                self.event_lag.observe(max(0.0, now - ts))
+            if handler is not None:
+                handler(event, now, ts if ts is not None else now)
+        except MalformedEvent as exc:
+            self.count_malformed(exc.reason)
+
+    def count_malformed(self, reason: str) -> None:
+        self.malformed[reason] = self.malformed.get(reason, 0) + 1
+
+    def _count_type(self, kind: str) -> None:
+        counts = self.events_by_type
+        if kind not in counts and len(counts) >= MAX_EVENT_TYPES:
+            kind = "other"
+        counts[kind] = counts.get(kind, 0) + 1
+
+    # ---------------------------------------------------------------- workers
+
+    def _worker(self, event: dict, now: float) -> WorkerState:
+        hostname = text(event, "hostname")
+        if hostname is None:
+            raise MalformedEvent("missing_hostname")
+        hostname = self.cardinality.hostname.fold(hostname)
+        worker = self.workers.get(hostname)
+        if worker is None:
+            worker = self.workers[hostname] = WorkerState(hostname, now)
+        return worker
+
+    def _seen_alive(self, worker: WorkerState, event: dict, now: float, ts: float, kind: str) -> None:
+        pid = number(event, "pid")
+        pid = int(pid) if pid is not None else None
+        processed = number(event, "processed")
+        if worker.last_heartbeat is not None and worker.hostname != OTHER and (  # "other" is many workers
+            kind == "worker-online"  # sent only when a worker process starts
+            or (pid is not None and worker.pid is not None and pid != worker.pid)
+            or (processed is not None and worker.processed is not None and processed < worker.processed)
+        ):
+            self._restarted(worker, now)
+        if kind == "worker-online":
+            worker.start_time = ts
+        worker.last_heartbeat = now
+        worker.online = True
+        worker.up = True
+        worker.down_since = None
+        freq = number(event, "freq")
+        if freq and freq > 0:
+            worker.freq = freq
+        if pid is not None:
+            worker.pid = pid
+        for key in ("sw_ident", "sw_ver", "sw_sys"):
+            value = text(event, key)
+            if value is not None:
+                setattr(worker, key, value)
+
+    def _restarted(self, worker: WorkerState, now: float) -> None:
+        """A known node name came back as a new process."""
+        worker.restarts += 1
+        if worker.up and worker.online:
+            # The old process vanished without worker-offline before the timeout noticed.
+            worker.unclean_shutdowns += 1
+            self._went_down(worker, now, lost_states=("RECEIVED", "STARTED"))
+        worker.processed = None
+        worker.active = None
+        worker.start_time = None
+        worker.child_pids = None
+        worker.hook_snapshot = None
+        worker.busy_since = None
+        worker.progress_at = now
+
+    def _went_down(self, worker: WorkerState, now: float, lost_states: tuple) -> None:
+        """The process behind this node name is gone: what it held may be lost."""
+        self.pending_lost.append((now + self.lost_task_grace, worker.hostname, worker.epoch, lost_states))
+        worker.epoch += 1
+        worker.running = 0
+        worker.busy_since = None
+
+    def _on_worker_online(self, event: dict, now: float, ts: float) -> None:
+        self._seen_alive(self._worker(event, now), event, now, ts, "worker-online")
+
+    def _on_worker_heartbeat(self, event: dict, now: float, ts: float) -> None:
+        worker = self._worker(event, now)
+        self._seen_alive(worker, event, now, ts, "worker-heartbeat")
+        # A heartbeat that answers the `heartbeat` control command carries no counts.
+        active = number(event, "active")
+        if active is not None:
+            worker.active = int(active)
+        processed = number(event, "processed")
+        if processed is not None:
+            if worker.processed is not None and processed > worker.processed:
+                worker.progress_at = now
+            worker.processed = int(processed)
+        self._update_busy(worker, now)
+
+    def _on_worker_offline(self, event: dict, now: float, ts: float) -> None:
+        worker = self._worker(event, now)
+        was_up = worker.up
+        worker.online = False
+        worker.up = False
+        worker.down_since = now
+        worker.active = 0
+        if was_up:
+            # A warm shutdown hands reserved tasks back to the broker: only started
+            # ones that never finished are lost.
+            self._went_down(worker, now, lost_states=("STARTED",))
+
+    @staticmethod
+    def _update_busy(worker: WorkerState, now: float) -> None:
+        if worker.busy:
+            if worker.busy_since is None:
+                worker.busy_since = now
+        else:
+            worker.busy_since = None
+
+    def worker_timeout_for(self, worker: WorkerState) -> float:
+        """Seconds of silence before a worker counts as down: the flag, or two
+        heartbeat intervals for workers configured with a slower heartbeat."""
+        return max(self.worker_timeout, 2 * worker.freq)
+
+    def is_stalled(self, worker: WorkerState, now: float) -> bool:
+        """Holds tasks and has finished none for stall_after seconds: the healthy
+        consumer that consumes nothing (a deadlocked task holding its messages)."""
+        if not worker.up or not worker.busy or worker.busy_since is None:
+            return False
+        return now - max(worker.busy_since, worker.progress_at) > self.stall_after
+
+    def expire(self, now: float) -> None:
+        """Time-driven transitions: silent workers go down, their unfinished tasks
+        are declared lost after the grace period, long-gone workers are purged."""
+        for hostname, worker in list(self.workers.items()):
+            if worker.up and worker.last_heartbeat is not None and (
+                now - worker.last_heartbeat > self.worker_timeout_for(worker)
+            ):
+                worker.up = False
+                worker.down_since = now
+                if worker.online:  # heartbeats stopped without worker-offline: killed, OOM, crash
+                    worker.unclean_shutdowns += 1
+                self._went_down(worker, now, lost_states=("RECEIVED", "STARTED"))
+            if not worker.up and worker.down_since is not None and (
+                now - worker.down_since > self.purge_offline_after
+            ):
+                del self.workers[hostname]
+                self.worker_queues.pop(hostname, None)
+                self.cardinality.hostname.forget(hostname)
+        if self.pending_lost and self.pending_lost[0][0] <= now:
+            self._declare_lost(now)
+
+    def _declare_lost(self, now: float) -> None:
+        due = [p for p in self.pending_lost if p[0] <= now]
+        self.pending_lost = [p for p in self.pending_lost if p[0] > now]
+        for _deadline, hostname, epoch, states in due:
+            for uuid, record in list(self.tasks.items()):
+                if record.hostname == hostname and record.epoch == epoch and record.state in states:
+                    del self.tasks[uuid]
+                    name = record.name or UNKNOWN
+                    key = (name, self._queue_for(record, name, hostname), "worker_lost")
+                    self.lost[key] = self.lost.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ tasks
+
+    def _record(self, uuid: str, name: str | None) -> TaskRecord:
+        if name is not None:
+            name = self.cardinality.name.fold(name)
+        record = self.tasks.get(uuid)
+        if record is None:
+            if len(self.tasks) >= self.max_tracked_tasks:
+                _, oldest = self.tasks.popitem(last=False)
+                self._leave_started(oldest)
+                self.tracked_evicted += 1
+            record = self.tasks[uuid] = TaskRecord(name)
+            earlier = self.finished.get(uuid)  # a retry comes back with the same id
+            if earlier is not None:
+                record.name = record.name or earlier.name
+                record.queue = earlier.queue
+        elif name is not None:
+            record.name = name
+        return record
+
+    def _uuid(self, event: dict) -> str:
+        uuid = text(event, "uuid")
+        if uuid is None:
+            raise MalformedEvent("missing_uuid")
+        self.task_events += 1
+        return uuid
+
+    def _queue_for(self, record: TaskRecord | None, name: str, hostname: str | None) -> str:
+        if record is not None and record.queue:
+            return record.queue
+        queue = self.queue_of_name.get(name)
+        if queue:
+            return queue
+        consumed = self.worker_queues.get(hostname) if hostname else None
+        if consumed and len(consumed) == 1:
+            return self.cardinality.queue_name.fold(next(iter(consumed)))
+        return UNKNOWN
+
+    def queue_for(self, record: TaskRecord | None) -> str:
+        """The queue a task is attributed to (the same rules as its counters)."""
+        name = (record.name if record is not None else None) or UNKNOWN
+        return self._queue_for(record, name, record.hostname if record is not None else None)
+
+    def _flow(self, event: dict, now: float, record: TaskRecord | None) -> tuple[TaskFlow, WorkerState]:
+        worker = self._worker(event, now)
+        name = (record.name if record is not None else None) or UNKNOWN
+        key = (name, self._queue_for(record, name, worker.hostname))
+        flow = worker.flows.get(key)
+        if flow is None:
+            flow = worker.flows[key] = TaskFlow(self.runtime_buckets, self.queue_wait_buckets, now)
+        return flow, worker
+
+    def _on_task_sent(self, event: dict, now: float, ts: float) -> None:
+        uuid = self._uuid(event)
+        name = self.cardinality.name.fold(text(event, "name") or UNKNOWN)
+        queue = self.cardinality.queue_name.fold(text(event, "queue") or text(event, "routing_key") or UNKNOWN)
+        record = self._record(uuid, name)
+        record.queue = queue
+        record.sent_at = ts
+        if queue != UNKNOWN:
+            self.queue_of_name[name] = queue
+        key = (name, queue)
+        self.sent[key] = self.sent.get(key, 0) + 1
+
+    def _on_task_received(self, event: dict, now: float, ts: float) -> None:
+        uuid = self._uuid(event)
+        record = self._record(uuid, text(event, "name"))
+        flow, worker = self._flow(event, now, record)
+        self._move(record, "RECEIVED", worker)
+        record.received_at = ts
+        record.eta = _iso_timestamp(event.get("eta"))
+        flow.received += 1
+
+    def _on_task_started(self, event: dict, now: float, ts: float) -> None:
+        uuid = self._uuid(event)
+        record = self._record(uuid, None)
+        flow, worker = self._flow(event, now, record)
+        self._move(record, "STARTED", worker)
+        record.started_at = ts
+        record.started_local = now
+        worker.running += 1
+        self._update_busy(worker, now)
+        flow.started += 1
+        if record.received_at is not None:
+            waited_from = max(record.received_at, record.eta or 0.0)
+            flow.queue_wait.observe(max(0.0, ts - waited_from))
+
+    def _move(self, record: TaskRecord, state: str, worker: WorkerState) -> None:
+        """The task is now in ``state`` on the current process of ``worker``."""
+        self._leave_started(record)
+        record.state = state
+        record.hostname = worker.hostname
+        record.epoch = worker.epoch
+
+    def _leave_started(self, record: TaskRecord) -> None:
+        """Keep the worker's running count right when a task stops running."""
+        if record.state == "STARTED":
+            worker = self.workers.get(record.hostname)
+            if worker is not None and worker.epoch == record.epoch and worker.running > 0:
+                worker.running -= 1
+
+    def _finish(self, event: dict, now: float) -> tuple[TaskFlow, TaskRecord | None]:
+        uuid = self._uuid(event)
+        record = self.tasks.pop(uuid, None)
+        if record is None:
+            record = self.finished.get(uuid)
+        else:
+            self._leave_started(record)
+            record.state = "FINISHED"
+            self.finished[uuid] = record
+            if len(self.finished) > self.max_finished:
+                self.finished.popitem(last=False)
+        flow, worker = self._flow(event, now, record)
+        worker.progress_at = now
+        self._update_busy(worker, now)
+        return flow, record
+
+    def _on_task_succeeded(self, event: dict, now: float, ts: float) -> None:
+        flow, _ = self._finish(event, now)
+        flow.succeeded += 1
+        runtime = number(event, "runtime")
+        if runtime is not None and runtime >= 0:
+            flow.runtime.observe(runtime)
+
+    def _count_exception(self, event: dict, record: TaskRecord | None) -> str:
+        exc_name, wrapped = exception_class(event.get("exception"))
+        exc_name = self.cardinality.exception.fold(exc_name)
+        if wrapped:
+            key = ((record.name if record else None) or UNKNOWN, exc_name)
+            self.unpicklable[key] = self.unpicklable.get(key, 0) + 1
+        return exc_name
+
+    def _on_task_failed(self, event: dict, now: float, ts: float) -> None:
+        flow, record = self._finish(event, now)
+        exc_name = self._count_exception(event, record)
+        flow.failed[exc_name] = flow.failed.get(exc_name, 0) + 1
+        runtime = number(event, "runtime")
+        if runtime is None and record is not None and record.started_at is not None:
+            runtime = ts - record.started_at
+        if runtime is not None and runtime >= 0:
+            flow.runtime.observe(runtime)
+
+    def _on_task_retried(self, event: dict, now: float, ts: float) -> None:
+        # The retry is a new message with the same id; a fresh task-received follows.
+        flow, record = self._finish(event, now)
+        self._count_exception(event, record)
+        flow.retried += 1
+
+    def _on_task_revoked(self, event: dict, now: float, ts: float) -> None:
+        flow, record = self._finish(event, now)
+        flow.revoked += 1
+        if event.get("expired") is True:
+            name = (record.name if record else None) or UNKNOWN
+            key = (name, self._queue_for(record, name, text(event, "hostname")))
+            self.expired[key] = self.expired.get(key, 0) + 1
+
+    def _on_task_rejected(self, event: dict, now: float, ts: float) -> None:
+        flow, _ = self._finish(event, now)
+        flow.rejected += 1
+
+    # ------------------------------------------------- remote control and hook
+
+    def apply_stats(self, hostname: str, stats: dict, now: float) -> None:
+        """`inspect stats` of one worker."""
+        worker = self.workers.get(hostname)
+        if worker is None or not isinstance(stats, dict):
+            return
+        uptime = _int(stats.get("uptime"))
+        if uptime is not None:
+            worker.start_time = now - uptime
+        worker.prefetch_count = _int(stats.get("prefetch_count"))
+        pool = stats.get("pool") if isinstance(stats.get("pool"), dict) else {}
+        worker.max_concurrency = _int(pool.get("max-concurrency"))
+        processes = pool.get("processes")
+        if isinstance(processes, list):
+            pids = frozenset(p for p in processes if isinstance(p, int))
+            worker.pool_processes = len(pids)
+            main_pid = _int(stats.get("pid"))
+            if worker.hook_snapshot is None and worker.child_pids is not None and worker.child_pids_of == main_pid:
+                # Without the hook, children replaced between two polls are all we can see.
+                new = len(pids - worker.child_pids)
+                if new:
+                    worker.child_replacements["unknown"] = worker.child_replacements.get("unknown", 0) + new
+            worker.child_pids, worker.child_pids_of = pids, main_pid
+        else:
+            worker.pool_processes = None  # solo, threads, gevent: no child processes
+        if not worker.limits_from_hook:
+            max_tasks = pool.get("max-tasks-per-child")
+            worker.max_tasks_per_child = max_tasks if isinstance(max_tasks, int) else 0
+
+    def apply_conf(self, hostname: str, conf: dict) -> None:
+        """`inspect conf`: the limits when set in configuration (a CLI flag is not visible here)."""
+        worker = self.workers.get(hostname)
+        if worker is None or not isinstance(conf, dict) or worker.limits_from_hook:
+            return
+        max_memory = _int(conf.get("worker_max_memory_per_child"))
+        worker.max_memory_per_child = max_memory * 1024 if max_memory else 0
+        max_tasks = _int(conf.get("worker_max_tasks_per_child"))
+        if max_tasks and not worker.max_tasks_per_child:
+            worker.max_tasks_per_child = max_tasks
+
+    def apply_active_queues(self, hostname: str, queues) -> None:
+        if hostname in self.workers and isinstance(queues, list):
+            names = frozenset(q["name"] for q in queues if isinstance(q, dict) and isinstance(q.get("name"), str))
+            self.worker_queues[hostname] = names
+
+    def apply_active_reserved(self, hostname: str, active, reserved) -> None:
+        worker = self.workers.get(hostname)
+        if worker is None:
+            return
+        if isinstance(reserved, list):
+            worker.inspect_prefetched = len(reserved)
+        if isinstance(active, list):
+            starts = [r["time_start"] for r in active
+                      if isinstance(r, dict) and isinstance(r.get("time_start"), (int, float))]
+            worker.inspect_oldest_start = min(starts) if starts else None
+
+    def apply_revoked_count(self, hostname: str, count: int, limit: int | None, now: float) -> None:
+        worker = self.workers.get(hostname)
+        if worker is not None:
+            worker.revoked, worker.revoked_at = count, now
+            if limit is not None:
+                worker.revoked_limit = limit
+
+    def apply_hook(self, hostname: str, reply: dict, now: float) -> None:
+        """The worker hook's cumulative numbers for its main process (see exporter.hooks.worker).
+        Counters are turned into deltas per main pid, so a worker restart never makes ours go back."""
+        worker = self.workers.get(hostname)
+        if worker is None or not isinstance(reply, dict):
+            return
+        pid = _int(reply.get("pid"))
+        replacements = reply.get("replacements") if isinstance(reply.get("replacements"), dict) else {}
+        tasks_hist = reply.get("child_tasks") if isinstance(reply.get("child_tasks"), dict) else {}
+        previous = worker.hook_snapshot[1] if worker.hook_snapshot and worker.hook_snapshot[0] == pid else {}
+        old_replacements = previous.get("replacements", {})
+        for reason in HOOK_REASONS:  # every reason exists from the first reply, so increase() sees the first one
+            worker.child_replacements.setdefault(reason, 0)
+        for reason, count in replacements.items():
+            if isinstance(count, int) and reason in HOOK_REASONS:
+                delta = count - old_replacements.get(reason, 0)
+                if delta > 0:
+                    worker.child_replacements[reason] = worker.child_replacements.get(reason, 0) + delta
+        counts = tasks_hist.get("counts")
+        if isinstance(counts, list) and len(counts) == len(CHILD_TASK_BUCKETS) + 1:
+            if worker.child_tasks is None:
+                worker.child_tasks = Histogram(CHILD_TASK_BUCKETS)
+            old = previous.get("child_tasks", {}).get("counts") or [0] * len(counts)
+            for i, (new, before) in enumerate(zip(counts, old)):
+                if isinstance(new, int) and new > before:
+                    worker.child_tasks.counts[i] += new - before
+            total, old_total = tasks_hist.get("sum"), previous.get("child_tasks", {}).get("sum", 0)
+            if isinstance(total, (int, float)) and total > old_total:
+                worker.child_tasks.sum += total - old_total
+        peak = _int(reply.get("child_peak_rss_bytes"))
+        if peak is not None:
+            worker.child_peak_rss = peak
+        max_tasks = _int(reply.get("max_tasks_per_child"))
+        max_memory = _int(reply.get("max_memory_per_child_bytes"))
+        if max_tasks is not None and max_memory is not None:
+            worker.max_tasks_per_child, worker.max_memory_per_child = max_tasks, max_memory
+            worker.limits_from_hook = True
+        revoked, limit = _int(reply.get("revoked")), _int(reply.get("revoked_limit"))
+        if revoked is not None:
+            self.apply_revoked_count(hostname, revoked, limit, now)
+        worker.hook_snapshot = (pid, {"replacements": dict(replacements), "child_tasks": dict(tasks_hist)})
+
+    # ---------------------------------------------------------------- reading
+
+    @property
+    def tracked_tasks(self) -> int:
+        return len(self.tasks)
+
+    def in_flight(self) -> tuple[dict, dict, dict]:
+        """One pass over the in-flight table: per worker the tasks received but
+        not started (prefetched) and the start time of the oldest running task,
+        and per task name the oldest start. Tasks of a worker process that is
+        gone (awaiting the lost-task verdict) are left out."""
+        prefetched: dict[str, int] = {}
+        oldest_by_worker: dict[str, float] = {}
+        oldest_by_name: dict[str, float] = {}
+        workers = self.workers
+        for record in self.tasks.values():
+            worker = workers.get(record.hostname)
+            if worker is None or worker.epoch != record.epoch:
+                continue
+            if record.state == "RECEIVED":
+                prefetched[worker.hostname] = prefetched.get(worker.hostname, 0) + 1
+            elif record.state == "STARTED" and record.started_local is not None:
+                started = record.started_local
+                if started < oldest_by_worker.get(worker.hostname, float("inf")):
+                    oldest_by_worker[worker.hostname] = started
+                name = record.name or UNKNOWN
+                if started < oldest_by_name.get(name, float("inf")):
+                    oldest_by_name[name] = started
+        return prefetched, oldest_by_worker, oldest_by_name
+
+    def seconds_without_task_events(self, now: float) -> float | None:
+        """How long workers have sent heartbeats while no task event arrived
+        (None when there are no live workers or task events do arrive)."""
+        if self.task_events or not any(w.up for w in self.workers.values()):
+            return None
+        return now - min(w.first_seen for w in self.workers.values() if w.up)
+
+
+def _int(value) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _iso_timestamp(value) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
