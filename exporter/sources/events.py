@@ -1,0 +1,554 @@
+"""Celery events: the ``celeryev`` exchange, consumed on a queue of our own.
+
+Celery's own receiver queue drops events older than 5 s (``x-message-ttl``):
+a consumer that lags silently loses them. Ours keeps them for
+``--event-queue-ttl`` and survives a reconnect for ``--event-queue-expires``,
+bounded by ``--event-queue-max-length``. On Redis, events are pub/sub: nothing
+is kept for a subscriber that is away, so the queue options do not apply.
+
+The receive path is lean on purpose (see docs/scaling.md for the profile):
+
+- RabbitMQ: kombu declares the queue, but messages are taken from py-amqp's
+  channel with a raw callback (no kombu ``Message`` per event) and frames
+  are parsed from large socket reads (py-amqp reads each frame with two to
+  three ``recv`` calls of a few bytes).
+- Redis: kombu declares the binding and opens the subscription; a reader
+  thread then pulls the subscription socket in large chunks so that Redis's
+  ``client-output-buffer-limit pubsub`` is never reached while the exporter
+  catches up, and the events thread parses the RESP frames itself.
+
+With ``--shard-task-events NAME`` (RabbitMQ), task events come from a shared
+queue NAME that several replicas consume (competing consumers, acked in
+batches) while worker events still come to each replica's own queue.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid as uuidlib
+
+from celery.events.event import get_exchange
+from kombu import Queue
+
+from ..logs import describe_error
+from ..state.events import MalformedEvent, decode_body
+from ..state.ingest import IngestStats
+from .base import Backoff, Source
+
+DRAIN_TIMEOUT = 0.5
+READ_CHUNK = 1 << 20
+TAKE_LIMIT = 4 << 20  # bytes the events thread parses at a time
+SOCKET_RCVBUF = 4 << 20
+REDIS_BACKLOG_LIMIT = 512 << 20  # bytes read ahead at most; past it Redis buffers, then drops us (counted)
+REDIS_PING_INTERVAL = 10.0
+REDIS_SILENCE_LIMIT = 35.0  # no byte at all (not even our PING's reply) for this long = a dead connection
+SHARD_PREFETCH = 2000
+SHARD_ACK_EVERY = 500
+QUEUE_STATS_INTERVAL = 15.0
+JSON_TYPES = (None, "", "application/json")
+# Routing keys of the events a sharded replica still takes on its own queue.
+OWN_KEYS_WHEN_SHARDED = ("worker.#", "exporter.#")
+
+
+class EventsSource(Source):
+    name = "events"
+    essential = True
+
+    def __init__(self, config, state, app):
+        super().__init__()
+        self.config = config
+        self.state = state
+        self.app = app
+        self.queue_name = f"celeryev.celery-health-exporter.{uuidlib.uuid4().hex[:12]}"
+        self.shard_queue = getattr(config, "shard_task_events", "") or ""
+        self.ingest = IngestStats(shard_queue=self.shard_queue)
+        self._no_events_hint_logged = False
+        self._next_enable_events = 0.0
+        self._next_queue_stats = 0.0
+        self._management = None  # rabbitmq.ManagementAccess, when there is an API to read drops from
+        if config.broker_kind == "amqp" and getattr(config, "rabbitmq_management_url", ""):
+            from .rabbitmq import management_access
+
+            self._management = management_access(config, app)
+        self._unacked: dict = {}  # channel -> last delivery tag not yet acked (shared queue)
+
+    def describe(self) -> str:
+        if self.config.broker_kind != "amqp":
+            return "pub/sub on celeryev"
+        if self.shard_queue:
+            return f"queue {self.queue_name} (worker events), shared queue {self.shard_queue} (task events)"
+        return f"queue {self.queue_name}"
+
+    # ------------------------------------------------------------- queues
+    def _queue_args(self) -> dict:
+        return dict(durable=False, auto_delete=False, exclusive=False,
+                    message_ttl=self.config.event_queue_ttl, expires=self.config.event_queue_expires,
+                    max_length=self.config.event_queue_max_length)
+
+    def _queue(self, connection) -> Queue:
+        exchange = get_exchange(connection, name=self.app.conf.event_exchange)
+        if self.config.broker_kind == "amqp":
+            return Queue(self.queue_name, exchange=exchange, routing_key="#", **self._queue_args())
+        # kombu's Redis transport keeps a binding entry for a queue until it is
+        # deleted; auto_delete removes it when we go, so restarts leave no garbage.
+        return Queue(self.queue_name, exchange=exchange, routing_key="#", auto_delete=True, durable=False)
+
+    def _amqp_queues(self, connection) -> list[tuple[Queue, bool]]:
+        """(queue, no_ack) pairs to consume on RabbitMQ."""
+        if not self.shard_queue:
+            return [(self._queue(connection), True)]
+        from kombu import binding
+
+        exchange = get_exchange(connection, name=self.app.conf.event_exchange)
+        own = Queue(self.queue_name, exchange=exchange,
+                    bindings=[binding(exchange, routing_key=key) for key in OWN_KEYS_WHEN_SHARDED],
+                    **self._queue_args())
+        # Every replica declares the shared queue with the same arguments; the
+        # broker splits its messages between them. Acked, so that a replica that
+        # dies hands its unacked events to the others instead of losing them.
+        shared = Queue(self.shard_queue, exchange=exchange, routing_key="task.#", **self._queue_args())
+        return [(own, True), (shared, False)]
+
+    # ----------------------------------------------------------- applying
+    def on_message(self, message) -> None:
+        """A kombu message (kept for callers that consume through kombu)."""
+        self.apply_body(message.body, message.content_type)
+
+    def apply_body(self, body, content_type) -> None:
+        now = time.time()
+        state = self.state
+        self.ingest.messages += 1
+        if content_type not in JSON_TYPES:
+            with state.lock:
+                state.count_malformed("content_type")
+            return
+        try:
+            events = decode_body(body)
+        except MalformedEvent as exc:
+            with state.lock:
+                state.count_malformed(exc.reason)
+            return
+        apply = state.apply
+        with state.lock:
+            for event in events:
+                apply(event, now)
+
+    def _on_amqp_message(self, message) -> None:
+        self.apply_body(message.body, message.properties.get("content_type"))
+
+    def _on_shared_message(self, message) -> None:
+        self.apply_body(message.body, message.properties.get("content_type"))
+        channel = message.channel
+        tag = message.delivery_info["delivery_tag"]
+        self._unacked[channel] = tag
+        if tag % SHARD_ACK_EVERY == 0:
+            self._ack(channel)
+
+    def _ack(self, channel) -> None:
+        tag = self._unacked.pop(channel, None)
+        if tag is not None:
+            channel.basic_ack(tag, multiple=True)
+
+    # -------------------------------------------------------------- running
+    def run(self) -> None:
+        backoff = Backoff()
+        while not self.stopping:
+            try:
+                self._consume(backoff)
+            except Exception as exc:  # every failure of the broker or the network is an outage
+                if self.stopping:
+                    break
+                if self.health.up:
+                    self.ingest.subscription_drops += 1
+                self.mark_down(describe_error(exc))
+            self.sleep(backoff.next())
+
+    def _consume(self, backoff: Backoff) -> None:
+        with self.app.connection_for_read(heartbeat=10, connect_timeout=5) as connection:
+            connection.ensure_connection(max_retries=1)
+            if self.config.broker_kind == "amqp":
+                self._consume_amqp(connection, backoff)
+            else:
+                self._consume_redis(connection, backoff)
+
+    def _started(self, connection, backoff: Backoff) -> None:
+        self._ask_workers_for_heartbeats(connection)
+        self.mark_up()
+        backoff.reset()
+
+    # ---------------------------------------------------------------- AMQP
+    def _consume_amqp(self, connection, backoff: Backoff) -> None:
+        channel = connection.channel()
+        queues = self._amqp_queues(connection)
+        for queue, _ in queues:
+            queue(channel).declare()
+        if any(not no_ack for _, no_ack in queues):
+            channel.basic_qos(0, SHARD_PREFETCH, False)
+        tags = [channel.basic_consume(queue=queue.name, no_ack=no_ack,
+                                      callback=self._on_amqp_message if no_ack else self._on_shared_message)
+                for queue, no_ack in queues]
+        amqp_connection = connection.connection
+        reader = FrameReader.install(amqp_connection)
+        self._started(connection, backoff)
+        while not self.stopping:
+            try:
+                if reader is not None:
+                    reader.drain(amqp_connection, DRAIN_TIMEOUT)
+                else:
+                    connection.drain_events(timeout=DRAIN_TIMEOUT)
+            except socket.timeout:
+                pass
+            self._ack(channel)
+            connection.heartbeat_check()
+            self.mark_up()
+            self._periodic(connection)
+        try:
+            self._ack(channel)
+            for tag in tags:
+                channel.basic_cancel(tag)
+        except Exception:  # stopping anyway; a broker gone meanwhile is fine
+            pass
+
+    # --------------------------------------------------------------- Redis
+    def _consume_redis(self, connection, backoff: Backoff) -> None:
+        channel = connection.channel()
+        queue = self._queue(connection)(channel)
+        queue.declare()
+        if hasattr(channel, "_get_subscribe_topics"):  # kombu >= 5.6 (sentinel compat topics)
+            topics = channel._get_subscribe_topics(queue.name)
+        else:
+            topics = [channel._get_subscribe_topic(queue.name)]
+        pubsub = channel.subclient
+        pubsub.psubscribe(*topics)
+        sock = pubsub.connection._sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
+        except OSError:
+            pass
+        reader = RedisReader(sock, self.ingest, lambda: self.stopping)
+        reader.start()
+        try:
+            self._started(connection, backoff)
+            parser = PubSubParser()
+            last_ping = time.monotonic()
+            while not self.stopping:
+                data = reader.take(DRAIN_TIMEOUT)
+                if data:
+                    for payload in parser.feed(data):
+                        self._apply_redis_payload(payload)
+                now = time.monotonic()
+                if now - last_ping > REDIS_PING_INTERVAL:
+                    last_ping = now
+                    reader.send(b"*1\r\n$4\r\nPING\r\n")
+                if now - reader.last_data > REDIS_SILENCE_LIMIT:
+                    raise ConnectionError(f"no reply from Redis for {REDIS_SILENCE_LIMIT:.0f}s")
+                self.mark_up()
+                self._periodic(connection)
+        finally:
+            reader.stop()
+            self.ingest.backlog_bytes = 0
+
+    def _apply_redis_payload(self, payload: bytes) -> None:
+        """A kombu envelope: JSON with the body (base64 unless told otherwise) and its content type."""
+        try:
+            envelope = json.loads(payload)
+            body = envelope["body"]
+            if envelope.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            content_type = envelope.get("content-type")
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
+            self.ingest.messages += 1
+            with self.state.lock:
+                self.state.count_malformed("envelope")
+            return
+        self.apply_body(body, content_type)
+
+    # ------------------------------------------------------------- periodic
+    def _ask_workers_for_heartbeats(self, connection) -> None:
+        """Workers answer the `heartbeat` command at once: we learn about them
+        without waiting for their next heartbeat (Celery's receiver does the same)."""
+        self.app.control.broadcast("heartbeat", connection=connection)
+
+    def _periodic(self, connection) -> None:
+        now = time.time()
+        if self.config.enable_events and now >= self._next_enable_events:
+            self._next_enable_events = now + self.config.enable_events_interval
+            self.app.control.enable_events(connection=connection)
+        if self._management is not None and now >= self._next_queue_stats:
+            self._next_queue_stats = now + QUEUE_STATS_INTERVAL
+            self._read_queue_drops()
+        if not self._no_events_hint_logged:
+            with self.state.lock:
+                silent_for = self.state.seconds_without_task_events(now)
+            if silent_for is not None and silent_for > self.config.no_task_events_hint_after:
+                self._no_events_hint_logged = True
+                self.log.warning(
+                    "workers send heartbeats but no task events arrived for %.0fs: the workers probably run "
+                    "without -E (worker_send_task_events); start them with -E or run the exporter with "
+                    "--enable-events", silent_for)
+
+    def _read_queue_drops(self) -> None:
+        """Messages RabbitMQ dropped from our queues (TTL, max length) = published
+        into the queue - delivered - still there, from the management API."""
+        try:
+            for role, name in (("own", self.queue_name), ("shared", self.shard_queue)):
+                if name:
+                    stats = management_queue(self._management, name)
+                    if stats is not None:
+                        self.ingest.observe_queue_drops(role, stats)
+        except Exception as exc:  # the management API is optional: never disturb consuming
+            self.log.debug("queue statistics unavailable: %s", describe_error(exc))
+
+    @property
+    def task_events_missing(self) -> bool:
+        return self._no_events_hint_logged
+
+
+def management_queue(access, queue: str, timeout: float = 2.0) -> int | None:
+    """published - delivered - queued for one queue, or None when the API does not say."""
+    # No `columns=` here: on the single-queue endpoint RabbitMQ 3.10 answers it with [].
+    quote = urllib.parse.quote
+    url = f"{access.api_base}/api/queues/{quote(access.vhost, safe='')}/{quote(queue, safe='')}"
+    request = urllib.request.Request(url)
+    request.add_header("authorization", access.authorization)
+    with urllib.request.urlopen(request, timeout=timeout, context=access.ssl_context()) as response:
+        info = json.loads(response.read())
+    if not isinstance(info, dict):
+        return None
+    stats = info.get("message_stats") or {}
+    if "publish" not in stats:
+        return None
+    delivered = stats.get("deliver_get", 0)
+    return int(stats["publish"] - delivered - (info.get("messages") or 0))
+
+
+# ---------------------------------------------------------------------------
+# AMQP: frames from large reads
+
+class FrameReader:
+    """Stands in for py-amqp's ``transport.read_frame``: one ``recv`` of up to
+    1 MiB yields every complete frame in it, instead of two or three ``recv``
+    calls per frame. Partial frames stay buffered, so a read timeout loses nothing."""
+
+    _header = struct.Struct(">BHI")
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.sock = transport.sock
+        self.buf = bytes(transport._read_buffer or b"")
+        self.pos = 0
+        self.pending: collections.deque = collections.deque()
+
+    @classmethod
+    def install(cls, amqp_connection) -> FrameReader | None:
+        from amqp.transport import TCPTransport
+
+        transport = amqp_connection.transport
+        if type(transport) is not TCPTransport:  # TLS keeps py-amqp's own reader
+            return None
+        reader = cls(transport)
+        try:
+            transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
+        except OSError:
+            pass
+        transport.read_frame = reader.read_frame  # py-amqp's synchronous waits read through us too
+        return reader
+
+    def _fill(self) -> None:
+        """Block (under the socket's timeout) until at least one frame is complete."""
+        from amqp.exceptions import UnexpectedFrame
+
+        unpack_from = self._header.unpack_from
+        buf, pos = self.buf, self.pos
+        pending = self.pending
+        while True:
+            size_total = len(buf)
+            while size_total - pos >= 8:
+                frame_type, channel, size = unpack_from(buf, pos)
+                end = pos + 7 + size
+                if end >= size_total:
+                    break
+                if buf[end] != 0xCE:
+                    self.transport.connected = False
+                    raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
+                pending.append((frame_type, channel, buf[pos + 7:end]))
+                pos = end + 1
+            if pending:
+                self.buf, self.pos = buf, pos
+                return
+            buf = buf[pos:]
+            pos = 0
+            self.buf, self.pos = buf, 0
+            chunk = self.sock.recv(READ_CHUNK)
+            if not chunk:
+                self.transport.connected = False
+                raise OSError("Server unexpectedly closed connection")
+            buf = buf + chunk if buf else chunk
+
+    def read_frame(self, unpack=None):
+        if not self.pending:
+            self._fill()
+        return self.pending.popleft()
+
+    def drain(self, amqp_connection, timeout: float) -> None:
+        """Apply every frame that is there, waiting up to ``timeout`` for the first."""
+        pending = self.pending
+        if not pending:
+            sock = self.sock
+            previous = sock.gettimeout()
+            sock.settimeout(timeout)
+            try:
+                self._fill()
+            finally:
+                sock.settimeout(previous)
+        on_frame = amqp_connection.on_inbound_frame
+        while pending:
+            on_frame(pending.popleft())
+
+
+# ---------------------------------------------------------------------------
+# Redis: the subscription socket read ahead, RESP parsed here
+
+class RedisReader(threading.Thread):
+    """Reads the subscription socket as fast as Redis writes it, into memory.
+
+    Redis disconnects a subscriber whose output buffer passes its limit (32 MB
+    by default): reading ahead moves that buffer into this process, bounded by
+    ``REDIS_BACKLOG_LIMIT``; past it the reader pauses and Redis's limit applies.
+    """
+
+    def __init__(self, sock, ingest: IngestStats, stopping):
+        super().__init__(name="events-redis-reader", daemon=True)
+        self.sock = sock
+        self.ingest = ingest
+        self.stopping = stopping
+        self.chunks: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.last_data = time.monotonic()
+        self._halt = False
+        self._outgoing: list = []
+
+    def run(self) -> None:
+        sock = self.sock
+        try:
+            sock.settimeout(1.0)
+            while not self._halt and not self.stopping():
+                if self.ingest.backlog_bytes > REDIS_BACKLOG_LIMIT:
+                    time.sleep(0.05)
+                    continue
+                if self._outgoing:  # sent from this thread: TLS sockets must not read and write concurrently
+                    sock.sendall(self._outgoing.pop())
+                try:
+                    data = sock.recv(READ_CHUNK)
+                except socket.timeout:
+                    continue
+                if not data:
+                    raise ConnectionError("Redis closed the subscription")
+                self.last_data = time.monotonic()
+                with self.cond:
+                    self.chunks.append(data)
+                    self.ingest.backlog_bytes += len(data)
+                    self.cond.notify()
+        except BaseException as exc:  # handed to the events thread, which reconnects
+            with self.cond:
+                self.error = exc
+                self.cond.notify()
+
+    def take(self, timeout: float, limit: int = TAKE_LIMIT) -> bytes:
+        """Up to about ``limit`` bytes read so far (waiting up to ``timeout`` for
+        something), or raise the reader's error once everything was taken. Taking
+        a slice at a time keeps the peak memory near the backlog itself."""
+        with self.cond:
+            if not self.chunks and self.error is None:
+                self.cond.wait(timeout)
+            if not self.chunks:
+                if self.error is not None and not self._halt:
+                    raise self.error
+                return b""
+            chunks = self.chunks
+            taken, size = [], 0
+            while chunks and size < limit:
+                chunk = chunks.popleft()
+                taken.append(chunk)
+                size += len(chunk)
+            self.ingest.backlog_bytes -= size
+            return taken[0] if len(taken) == 1 else b"".join(taken)
+
+    def send(self, data: bytes) -> None:
+        """Queue a command (our PING); the reader thread writes it within a second."""
+        self._outgoing.append(data)
+
+    def stop(self) -> None:
+        self._halt = True
+        if self.is_alive():
+            self.join(2.0)
+
+
+class PubSubParser:
+    """Incremental RESP2/RESP3 parser for a subscription: yields message payloads.
+
+    Frames are arrays (``*`` or RESP3 push ``>``) of bulk strings and integers:
+    ``pmessage pattern channel payload``, ``message channel payload``, the
+    ``psubscribe`` confirmations and ``pong`` replies (ignored).
+    """
+
+    def __init__(self):
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self.buf + data if self.buf else data
+        out = []
+        pos = 0
+        size = len(buf)
+        find = buf.find
+        while pos < size:
+            start = pos
+            kind = buf[pos]
+            nl = find(b"\r\n", pos)
+            if nl < 0:
+                break
+            if kind not in (42, 62):  # '*' array, '>' push: anything else is a lone reply
+                if kind == 45:  # '-' error
+                    raise ConnectionError(f"Redis: {buf[pos + 1:nl].decode(errors='replace')}")
+                pos = nl + 2
+                continue
+            count = int(buf[pos + 1:nl])
+            pos = nl + 2
+            items = []
+            complete = True
+            for _ in range(count):
+                if pos >= size:
+                    complete = False
+                    break
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    complete = False
+                    break
+                if buf[pos] == 36:  # '$' bulk string
+                    length = int(buf[pos + 1:nl])
+                    begin = nl + 2
+                    end = begin + length
+                    if end + 2 > size:
+                        complete = False
+                        break
+                    items.append(buf[begin:end])
+                    pos = end + 2
+                else:
+                    items.append(buf[pos + 1:nl])
+                    pos = nl + 2
+            if not complete:
+                pos = start
+                break
+            if items and items[0] in (b"pmessage", b"message"):
+                out.append(items[-1])
+        self.buf = buf[pos:]
+        return out

@@ -1,0 +1,100 @@
+"""Remote control: what the workers say about themselves when asked.
+
+Every ``--inspect-interval`` seconds, one broadcast per command (not one per
+worker, so hundreds of workers cost the same five round trips): ``stats``,
+``active_queues``, ``conf``, ``active``, ``reserved``, and the worker hook's
+``celery_health`` for the workers that advertise it in their conf. Workers
+that do not answer within ``--inspect-timeout`` are simply missing from that
+poll. Never on the scrape path.
+
+``inspect revoked`` returns each worker's whole revoked list (up to ~2 MB per
+worker), so it only runs every ``--revoked-interval`` seconds, when set, and
+only for workers without the hook.
+"""
+from __future__ import annotations
+
+import time
+
+from ..hooks.worker import HOOK_COMMAND, HOOK_CONF_KEY
+from ..logs import describe_error
+from .base import Backoff, Source
+
+COMMANDS = ("stats", "active_queues", "conf", "active", "reserved")
+
+
+class InspectSource(Source):
+    name = "inspect"
+    # A broadcast waits out its reply timeout and cannot be interrupted: abandon it on stop.
+    stop_timeout = 0.5
+
+    def __init__(self, config, state, app):
+        super().__init__()
+        self.config = config
+        self.state = state
+        self.app = app
+        self._next_revoked = 0.0
+        # Workers seen with the hook; a conf reply that missed one poll's timeout
+        # must not send it the heavy `inspect revoked`.
+        self._hooked: set[str] = set()
+
+    def describe(self) -> str:
+        return f"{', '.join(COMMANDS)} every {self.config.inspect_interval:g}s"
+
+    def run(self) -> None:
+        backoff = Backoff(first=self.config.inspect_interval, ceiling=max(60.0, self.config.inspect_interval))
+        while not self.stopping:
+            try:
+                with self.app.connection_for_read(heartbeat=0, connect_timeout=5) as connection:
+                    while not self.stopping:
+                        self.poll(connection)
+                        self.mark_up()
+                        backoff.reset()
+                        if self.sleep(self.config.inspect_interval):
+                            return
+            except Exception as exc:  # broker gone: an outage of this source only
+                if self.stopping:
+                    return
+                self.mark_down(describe_error(exc))
+                self.sleep(backoff.next())
+
+    def _ask(self, connection, command: str, destination=None, **arguments) -> dict:
+        replies = self.app.control.broadcast(
+            command, arguments=arguments, reply=True, timeout=self.config.inspect_timeout,
+            destination=destination, connection=connection) or []
+        merged = {}
+        for reply in replies:
+            if isinstance(reply, dict):
+                merged.update(reply)
+        return merged
+
+    def poll(self, connection) -> None:
+        now = time.time()
+        replies = {command: self._ask(connection, command) for command in COMMANDS}
+        for host, conf in replies["conf"].items():
+            if isinstance(conf, dict):
+                (self._hooked.add if conf.get(HOOK_CONF_KEY) else self._hooked.discard)(host)
+        hooked = sorted(self._hooked)
+        hook_replies = self._ask(connection, HOOK_COMMAND, destination=hooked) if hooked else {}
+        revoked = {}
+        if self.config.revoked_interval and now >= self._next_revoked:
+            self._next_revoked = now + self.config.revoked_interval
+            with self.state.lock:
+                unhooked = sorted(set(self.state.workers) - set(hooked))
+            if unhooked:
+                revoked = self._ask(connection, "revoked", destination=unhooked)
+        now = time.time()
+        state = self.state
+        with state.lock:
+            for hostname, stats in replies["stats"].items():
+                state.apply_stats(hostname, stats, now)
+            for hostname, queues in replies["active_queues"].items():
+                state.apply_active_queues(hostname, queues)
+            for hostname, conf in replies["conf"].items():
+                state.apply_conf(hostname, conf)
+            for hostname, active in replies["active"].items():
+                state.apply_active_reserved(hostname, active, replies["reserved"].get(hostname))
+            for hostname, reply in hook_replies.items():
+                state.apply_hook(hostname, reply, now)
+            for hostname, ids in revoked.items():
+                if isinstance(ids, list):
+                    state.apply_revoked_count(hostname, len(ids), None, now)
