@@ -1,0 +1,105 @@
+"""Wiring: the state, the sources and the HTTP server, started and stopped together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from . import __version__
+from .broker import make_app
+from .findings import diagnose
+from .http import serve
+from .metrics import StateCollector
+from .sources import build_sources
+from .state.cardinality import CardinalityCaps
+from .state.model import ClusterState
+
+log = logging.getLogger("exporter")
+MAINTENANCE_INTERVAL = 1.0
+STOP_TIMEOUT = 3.0
+
+
+def build_state(config) -> ClusterState:
+    return ClusterState(
+        worker_timeout=config.worker_timeout,
+        purge_offline_after=config.purge_offline_after,
+        runtime_buckets=config.runtime_buckets,
+        queue_wait_buckets=config.queue_wait_buckets,
+        max_tracked_tasks=config.max_tracked_tasks,
+        stall_after=config.stall_after,
+        lost_task_grace=config.lost_task_grace,
+        caps=CardinalityCaps.from_config(config),
+    )
+
+
+def diagnose_now(state, config, now: float | None = None) -> list:
+    """The findings of the moment (the status page, /api/findings and doctor share it)."""
+    now = time.time() if now is None else now
+    with state.lock:
+        state.expire(now)
+        return diagnose(state, now, hint_after=config.no_task_events_hint_after)
+
+
+class Exporter:
+    def __init__(self, config, listen_socket: socket.socket):
+        self.config = config
+        self.listen_socket = listen_socket
+        self.version = __version__
+        self.state = build_state(config)
+        self.celery_app = make_app(config)
+        self.sources = build_sources(config, self.state, self.celery_app)
+        self.collector = StateCollector(self.state, self.sources, prefix=config.metric_prefix,
+                                        static_labels=config.static_labels)
+        # The registry holds only the standard process and platform metrics; the
+        # collector's own families are rendered by it directly (see http.metrics).
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """Ready when every essential source works (the events source, or in
+        host-only mode the host agent); a broker poller that is down does not
+        make the exporter unready, it shows in celery_exporter_source_up."""
+        essential = [s for s in self.sources if s.essential] or self.sources
+        for source in essential:
+            if not source.health.up:
+                what = "events source not consuming" if source.name == "events" else f"{source.name} source down"
+                return False, f"{what}: {source.health.reason}"
+        return (True, "ok") if essential else (False, "no source enabled")
+
+    def findings(self) -> list:
+        return diagnose_now(self.state, self.config)
+
+    async def _maintain(self) -> None:
+        """Time-driven state changes (a worker that went silent) must happen
+        even when nobody scrapes, so that detectors see them on time."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            with self.state.lock:
+                self.state.expire(time.time())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for source in self.sources:
+            source.start()
+        runner = await serve(self, self.listen_socket)
+        log.info("celery-health-exporter %s listening on %s:%d, broker %s", self.version,
+                 self.config.listen_host, self.config.listen_port, self.config.masked_broker_url)
+        maintenance = asyncio.create_task(self._maintain())
+        await stop.wait()
+        log.info("stopping")
+        maintenance.cancel()
+        await asyncio.gather(
+            asyncio.wait_for(runner.cleanup(), STOP_TIMEOUT),
+            *(asyncio.to_thread(source.stop) for source in self.sources),
+            return_exceptions=True,
+        )
+        return 0

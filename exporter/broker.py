@@ -1,0 +1,31 @@
+"""The exporter's own Celery app and kombu connections, built from the config."""
+from __future__ import annotations
+
+import ssl
+
+from celery import Celery
+
+_CERT_REQS = {"CERT_NONE": ssl.CERT_NONE, "CERT_OPTIONAL": ssl.CERT_OPTIONAL, "CERT_REQUIRED": ssl.CERT_REQUIRED}
+
+# An AMQP heartbeat lets a half-open TCP connection (a cut network) be noticed in seconds.
+AMQP_HEARTBEAT = 10
+CONNECT_TIMEOUT = 5
+
+
+def ssl_options(options: dict) -> dict:
+    """``--broker-ssl-option cert_reqs=CERT_REQUIRED`` -> the ssl constant kombu expects."""
+    converted = dict(options)
+    for key in ("cert_reqs", "ssl_cert_reqs"):
+        if isinstance(converted.get(key), str) and converted[key] in _CERT_REQS:
+            converted[key] = _CERT_REQS[converted[key]]
+    return converted
+
+
+def make_app(config) -> Celery:
+    app = Celery("celery-health-exporter", broker=config.broker_url, set_as_current=False)
+    app.conf.broker_transport_options = dict(config.broker_transport_options)
+    if config.broker_ssl_options:
+        app.conf.broker_use_ssl = ssl_options(config.broker_ssl_options)
+    app.conf.broker_connection_timeout = CONNECT_TIMEOUT
+    app.conf.broker_heartbeat = AMQP_HEARTBEAT
+    return app

@@ -1,0 +1,135 @@
+"""HTTP endpoints (aiohttp): /metrics, /healthz, /readyz and a small status page.
+
+A scrape renders from memory only: it never waits on the broker.
+"""
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+
+async def metrics(request: web.Request) -> web.Response:
+    exporter = request.app["exporter"]
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    # The state's families are written directly (fast); the process_* ones by
+    # prometheus_client, whose OpenMetrics output ends with the one "# EOF".
+    # Rendered in a thread, so that probes are answered while a large scrape is written.
+    body = await asyncio.to_thread(
+        lambda: exporter.collector.render(openmetrics).encode() + encoder(exporter.registry))
+    response = web.Response(body=body, headers={"Content-Type": content_type})
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        response.enable_compression()
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, reason = request.app["exporter"].ready
+    return web.Response(text=reason + "\n", status=200 if ready else 503)
+
+
+async def findings_json(request: web.Request) -> web.Response:
+    """The diagnosis for chat-ops bots; schema in docs/findings.md."""
+    exporter = request.app["exporter"]
+    findings = exporter.findings()
+    return web.json_response({
+        "version": exporter.version,
+        "generated_at": time.time(),
+        "problems": sum(1 for f in findings if f.severity != "info"),
+        "findings": [f.as_dict() for f in findings],
+    })
+
+
+async def index(request: web.Request) -> web.Response:
+    exporter = request.app["exporter"]
+    now = time.time()
+    findings = exporter.findings()
+    rows = []
+    for source in exporter.sources:
+        health = source.health
+        seen = f"{now - health.last_success:.0f}s ago" if health.last_success else "never"
+        rows.append(
+            f"<tr><td>{html.escape(source.name)}</td>"
+            f"<td class={'up' if health.up else 'down'}>{'up' if health.up else 'down'}</td>"
+            f"<td>{html.escape(health.reason)}</td><td>{seen}</td>"
+            f"<td>{html.escape(source.describe())}</td></tr>")
+    with exporter.state.lock:
+        workers = sum(1 for w in exporter.state.workers.values() if w.up)
+        tracked = exporter.state.tracked_tasks
+    cards = "\n".join(FINDING.format(
+        severity=f.severity, summary=html.escape(f.summary), why=html.escape(f.why), fix=html.escape(f.fix),
+        metric=html.escape(f.metric),
+        alert=f" &middot; alert <code>{html.escape(f.alert)}</code>" if f.alert else "",
+    ) for f in findings) or '<p class="ok">No problem found.</p>'
+    page = PAGE.format(
+        version=html.escape(exporter.version),
+        broker=html.escape(exporter.config.masked_broker_url),
+        rows="\n".join(rows), workers=workers, tracked=tracked, findings=cards,
+        problems=sum(1 for f in findings if f.severity != "info"),
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
+FINDING = """<section class="finding {severity}"><h3><span class="sev">{severity}</span> {summary}</h3>
+<p><b>Why it matters:</b> {why}</p><p><b>Fix:</b> {fix}</p>
+<p class="meta">metric <code>{metric}</code>{alert}</p></section>"""
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>celery-health-exporter</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1em auto;padding:0 1em;max-width:60em;line-height:1.4}}
+table{{border-collapse:collapse;display:block;overflow-x:auto}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
+.up{{color:#176b1f}}.down{{color:#b00020;font-weight:bold}}.ok{{color:#176b1f;font-weight:bold}}
+.finding{{border-left:.4em solid #999;padding:.2em .8em;margin:.8em 0;background:#f7f7f7}}
+.finding h3{{margin:.3em 0;font-size:1.05em}}.finding p{{margin:.3em 0}}.meta{{color:#555;font-size:.9em}}
+.critical{{border-color:#b00020}}.warning{{border-color:#d98200}}.info{{border-color:#2a6ebb}}
+.sev{{text-transform:uppercase;font-size:.75em;padding:.1em .4em;border-radius:.2em;background:#333;color:#fff}}
+.critical .sev{{background:#b00020}}.warning .sev{{background:#d98200}}.info .sev{{background:#2a6ebb}}
+code{{word-break:break-all}}</style>
+</head><body>
+<h1>celery-health-exporter</h1>
+<p>Version {version} &middot; broker <code>{broker}</code> &middot; {workers} workers up &middot; {tracked} tasks in flight</p>
+<h2>Findings ({problems} problems)</h2>
+{findings}
+<h2>Sources</h2>
+<table><tr><th>source</th><th>state</th><th>reason</th><th>last success</th><th>reads</th></tr>
+{rows}
+</table>
+<p><a href="/metrics">/metrics</a> &middot; <a href="/api/findings">/api/findings</a> &middot;
+<a href="/healthz">/healthz</a> &middot; <a href="/readyz">/readyz</a></p>
+</body></html>
+"""
+
+
+def make_web_app(exporter) -> web.Application:
+    web_config = getattr(exporter.config, "web_config", None)
+    if web_config is not None:  # --web-config-file: basic auth, client SANs, headers, rate limit
+        from .web_config import middlewares
+
+        app = web.Application(middlewares=middlewares(web_config))
+    else:
+        app = web.Application()
+    app["exporter"] = exporter
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/", index)
+    app.router.add_get("/api/findings", findings_json)
+    return app
+
+
+async def serve(exporter, sock) -> web.AppRunner:
+    runner = web.AppRunner(make_web_app(exporter), access_log=None, handle_signals=False)
+    await runner.setup()
+    web_config = getattr(exporter.config, "web_config", None)
+    ssl_context = web_config.ssl_context if web_config is not None else None
+    await web.SockSite(runner, sock, shutdown_timeout=1.0, ssl_context=ssl_context).start()
+    return runner
