@@ -1,0 +1,44 @@
+"""The README's first command: the demo fills /metrics with real numbers and Ctrl-C stops all of it."""
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.harness import HOST, ROOT, Metrics, free_port, http_get, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_fills_metrics_and_ctrl_c_stops_everything(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "demo.log", "wb")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "demo", "--broker-url", "redis://127.0.0.1:6379/15",
+         "--listen-address", f"127.0.0.1:{port}", "--rate", "20"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def busy():
+            status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+            m = Metrics(body) if status == 200 else None
+            return m and (m.sum("celery_task_succeeded_total") >= 10 and m.sum("celery_task_failed_total") >= 1
+                          and m.sum("celery_task_retried_total") >= 1
+                          and m.sum("celery_task_sent_total", name="demo.legacy_sync", queue_name="legacy") >= 1) and m
+        m = wait_for(busy, 60, 1.0, message="demo traffic counted")
+        assert m.value("celery_worker_up", hostname=f"demo1@{HOST}") == 1
+        assert m.value("celery_worker_up", hostname=f"demo2@{HOST}") == 1
+        assert m.sum("celery_task_failed_total", exception="PaymentDeclined") >= 1
+        descendants = psutil.Process(demo.pid).children(recursive=True)
+        assert len(descendants) >= 4
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        try:
+            code = demo.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            raise
+    assert code == 0
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants), 20,
+             message="every demo process gone")

@@ -1,0 +1,202 @@
+"""Failure detectors of the state model: restarts, unclean shutdowns, stalls, lost tasks, recycling."""
+import pytest
+
+from exporter.state.model import ClusterState
+
+T0 = 1_700_000_000.0
+W = "w1@h"
+
+
+def ev(kind, **fields):
+    fields.setdefault("timestamp", T0)
+    fields.setdefault("utcoffset", 0)
+    fields.setdefault("hostname", W)
+    return {"type": kind, **fields}
+
+
+@pytest.fixture
+def state():
+    return ClusterState(worker_timeout=10, purge_offline_after=1000, stall_after=60, lost_task_grace=5,
+                        utcoffset=0, now=T0)
+
+
+def online(state, now, pid):
+    state.apply(ev("worker-online", pid=pid, freq=2, timestamp=now), now)
+    state.apply(ev("worker-heartbeat", pid=pid, freq=2, active=0, processed=0, timestamp=now), now)
+
+
+def test_restart_loop_counts_restarts_and_only_unclean_stops(state):
+    worker = None
+    online(state, T0, pid=100)                       # first start: not a restart
+    state.apply(ev("worker-offline", pid=100), T0 + 5)  # SIGTERM
+    online(state, T0 + 10, pid=101)                  # restart 1
+    worker = state.workers[W]
+    assert (worker.restarts, worker.unclean_shutdowns, worker.up) == (1, 0, True)
+    state.expire(T0 + 21)                            # SIGKILL: heartbeats stop
+    assert (worker.up, worker.unclean_shutdowns) == (False, 1)
+    online(state, T0 + 30, pid=102)                  # restart 2
+    state.apply(ev("worker-offline", pid=102), T0 + 35)
+    online(state, T0 + 40, pid=103)                  # restart 3
+    assert worker.start_time == T0 + 40
+    state.expire(T0 + 51)
+    assert (worker.restarts, worker.unclean_shutdowns, worker.up) == (3, 2, False)
+
+
+def test_restart_before_the_timeout_is_seen_from_the_new_pid_and_counted_unclean(state):
+    online(state, T0, pid=100)
+    state.apply(ev("worker-heartbeat", pid=200, freq=2, active=0, processed=0), T0 + 3)
+    worker = state.workers[W]
+    assert (worker.restarts, worker.unclean_shutdowns) == (1, 1)
+
+
+def test_processed_count_reset_is_a_restart_even_with_the_same_pid(state):
+    online(state, T0, pid=1)  # containers: pid 1 every time
+    state.apply(ev("worker-heartbeat", pid=1, freq=2, active=0, processed=50), T0 + 2)
+    state.apply(ev("worker-heartbeat", pid=1, freq=2, active=0, processed=3), T0 + 4)
+    assert state.workers[W].restarts == 1
+
+
+def test_heartbeat_gap_without_a_new_process_is_not_a_restart(state):
+    online(state, T0, pid=100)
+    state.expire(T0 + 11)
+    state.apply(ev("worker-heartbeat", pid=100, freq=2, active=0, processed=0), T0 + 12)
+    worker = state.workers[W]
+    assert worker.up and worker.restarts == 0 and worker.unclean_shutdowns == 1
+
+
+def test_hung_task_makes_the_worker_stalled_until_it_restarts(state):
+    online(state, T0, pid=100)
+    state.apply(ev("task-received", uuid="t1", name="app.hang"), T0 + 1)
+    state.apply(ev("task-started", uuid="t1"), T0 + 1)
+    for t in range(3, 70, 2):
+        state.apply(ev("worker-heartbeat", pid=100, freq=2, active=1, processed=0), T0 + t)
+    worker = state.workers[W]
+    prefetched, oldest_by_worker, oldest_by_name = state.in_flight()
+    assert oldest_by_worker[W] == T0 + 1 and oldest_by_name["app.hang"] == T0 + 1
+    assert not state.is_stalled(worker, T0 + 60)
+    assert state.is_stalled(worker, T0 + 62)
+    online(state, T0 + 80, pid=101)  # restarted: the hung task is gone with the old process
+    assert not state.is_stalled(worker, T0 + 200)
+    assert state.in_flight()[1] == {}
+
+
+def test_a_busy_worker_that_finishes_tasks_is_not_stalled(state):
+    online(state, T0, pid=100)
+    for i in range(0, 100, 10):
+        state.apply(ev("task-received", uuid=f"t{i}", name="app.work"), T0 + i)
+        state.apply(ev("task-started", uuid=f"t{i}"), T0 + i)
+        if i:
+            state.apply(ev("task-succeeded", uuid=f"t{i - 10}", runtime=10), T0 + i)
+        state.apply(ev("worker-heartbeat", pid=100, freq=2, active=1, processed=i // 10), T0 + i)
+    assert not state.is_stalled(state.workers[W], T0 + 95)
+
+
+def test_an_idle_worker_that_starts_a_task_is_not_instantly_stalled(state):
+    online(state, T0, pid=100)
+    state.apply(ev("worker-heartbeat", pid=100, freq=2, active=0, processed=0), T0 + 500)
+    state.apply(ev("task-started", uuid="t1"), T0 + 501)
+    assert not state.is_stalled(state.workers[W], T0 + 502)
+
+
+def test_tasks_of_a_killed_worker_are_lost_after_the_grace_period(state):
+    online(state, T0, pid=100)
+    state.apply(ev("task-sent", uuid="t1", name="app.pay", queue="payments", hostname="gen@h"), T0)
+    state.apply(ev("task-received", uuid="t1", name="app.pay"), T0)
+    state.apply(ev("task-started", uuid="t1"), T0)
+    state.apply(ev("task-received", uuid="t2", name="app.pay"), T0)
+    state.expire(T0 + 11)  # killed
+    assert state.lost == {}
+    state.expire(T0 + 15.9)
+    assert state.lost == {}
+    state.expire(T0 + 16.1)
+    assert state.lost == {("app.pay", "payments", "worker_lost"): 2}
+    assert state.tracked_tasks == 0
+
+
+def test_warm_shutdown_loses_only_started_tasks_and_redelivered_ones_are_not_lost(state):
+    online(state, T0, pid=100)
+    for uuid in ("started", "reserved", "redelivered"):
+        state.apply(ev("task-received", uuid=uuid, name="app.x"), T0)
+    state.apply(ev("task-started", uuid="started"), T0)
+    state.apply(ev("task-started", uuid="redelivered"), T0)
+    state.apply(ev("worker-offline", pid=100), T0 + 1)
+    state.apply(ev("task-received", uuid="redelivered", name="app.x", hostname="w2@h"), T0 + 2)
+    state.expire(T0 + 7)
+    assert state.lost == {("app.x", "unknown", "worker_lost"): 1}
+
+
+def test_expired_and_unpicklable_are_counted(state):
+    online(state, T0, pid=100)
+    state.apply(ev("task-sent", uuid="e", name="app.old", queue="q", hostname="gen@h"), T0)
+    state.apply(ev("task-received", uuid="e", name="app.old"), T0)
+    state.apply(ev("task-revoked", uuid="e", expired=True, terminated=False, signum=None), T0)
+    state.apply(ev("task-received", uuid="u", name="app.bad"), T0)
+    state.apply(ev("task-retried", uuid="u", exception="UnpickleableExceptionWrapper('m', 'BadErr', (), 'x')"), T0)
+    assert state.expired == {("app.old", "q"): 1}
+    assert state.unpicklable == {("app.bad", "BadErr"): 1}
+    assert state.workers[W].flows[("app.old", "q")].revoked == 1
+
+
+def test_prefetched_counts_received_not_started(state):
+    online(state, T0, pid=100)
+    for i in range(4):
+        state.apply(ev("task-received", uuid=f"t{i}", name="app.x"), T0)
+    state.apply(ev("task-started", uuid="t0"), T0)
+    assert state.in_flight()[0] == {W: 3}
+
+
+def test_stats_give_pool_limits_and_a_lower_bound_of_child_replacements(state):
+    online(state, T0, pid=100)
+    stats = {"pid": 100, "uptime": 30, "prefetch_count": 8,
+             "pool": {"max-concurrency": 2, "processes": [11, 12], "max-tasks-per-child": "N/A"}}
+    state.apply_stats(W, stats, T0 + 30)
+    worker = state.workers[W]
+    assert (worker.start_time, worker.pool_processes, worker.max_concurrency) == (T0, 2, 2)
+    assert worker.prefetch_count == 8 and worker.max_tasks_per_child == 0
+    state.apply_stats(W, {**stats, "pool": {**stats["pool"], "processes": [12, 13]}}, T0 + 60)
+    assert worker.child_replacements == {"unknown": 1}
+    state.apply_stats(W, {"pid": 100, "uptime": 90, "pool": {"max-concurrency": 1}}, T0 + 90)  # solo pool
+    assert worker.pool_processes is None
+    state.apply_conf(W, {"worker_max_memory_per_child": 200_000})
+    assert worker.max_memory_per_child == 200_000 * 1024
+
+
+def test_hook_counters_become_deltas_that_survive_a_worker_restart(state):
+    online(state, T0, pid=100)
+    reply = {"pid": 100, "replacements": {"memory": 3, "tasks": 0}, "child_peak_rss_bytes": 250_000_000,
+             "child_tasks": {"counts": [0, 1, 2, 0, 0, 0, 0, 0, 0, 0], "sum": 12},
+             "max_tasks_per_child": 0, "max_memory_per_child_bytes": 200 * 1024 * 1024,
+             "revoked": 42, "revoked_limit": 50000}
+    state.apply_hook(W, reply, T0)
+    state.apply_hook(W, reply, T0 + 30)  # same totals: nothing new
+    worker = state.workers[W]
+    assert worker.child_replacements == {"memory": 3, "tasks": 0, "signal": 0, "error": 0}  # all from the start
+    assert worker.child_tasks.count == 3 and worker.child_tasks.sum == 12
+    assert (worker.revoked, worker.revoked_limit, worker.limits_from_hook) == (42, 50000, True)
+    state.apply_stats(W, {"pid": 100, "pool": {"processes": [1, 2], "max-tasks-per-child": 7}}, T0 + 31)
+    assert worker.max_tasks_per_child == 0  # the hook's exact value wins over stats
+    # the worker restarted: the hook's totals start again from zero
+    state.apply_hook(W, {**reply, "pid": 200, "replacements": {"memory": 1},
+                         "child_tasks": {"counts": [0, 1, 0, 0, 0, 0, 0, 0, 0, 0], "sum": 2}}, T0 + 60)
+    assert worker.child_replacements["memory"] == 4
+    assert worker.child_tasks.count == 4 and worker.child_tasks.sum == 14
+
+
+def test_cardinality_caps_fold_workers_names_queues_and_exceptions_into_other():
+    from exporter.state.cardinality import CardinalityCaps
+
+    state = ClusterState(caps=CardinalityCaps(task_names=2, workers=2, queues=2, exceptions=1), utcoffset=0, now=T0)
+    for i in range(50):  # a flood of random worker names with their own pids
+        state.apply(ev("worker-heartbeat", hostname=f"rnd{i}@h", pid=i, freq=2, processed=0), T0 + i)
+        state.apply(ev("task-sent", hostname="gen@h", uuid=f"t{i}", name=f"app.t{i}", queue=f"q{i}"), T0 + i)
+        state.apply(ev("task-received", hostname=f"rnd{i}@h", uuid=f"t{i}", name=f"app.t{i}"), T0 + i)
+        state.apply(ev("task-failed", hostname=f"rnd{i}@h", uuid=f"t{i}", exception=f"E{i}()"), T0 + i)
+    assert set(state.workers) == {"rnd0@h", "rnd1@h", "other"}
+    assert state.workers["other"].restarts == 0  # many pids behind "other" are not restarts
+    names = {name for w in state.workers.values() for name, _ in w.flows}
+    queues = {queue for w in state.workers.values() for _, queue in w.flows}
+    assert names == {"app.t0", "app.t1", "other"} and queues == {"q0", "q1", "other"}
+    failed = {exc for w in state.workers.values() for flow in w.flows.values() for exc in flow.failed}
+    assert failed == {"E0", "other"}
+    assert state.cardinality.hostname.folded == 3 * 48  # heartbeat, received, failed of each folded worker
+    assert sum(f.received for w in state.workers.values() for f in w.flows.values()) == 50  # nothing lost
