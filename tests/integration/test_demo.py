@@ -23,13 +23,15 @@ def test_demo_fills_metrics_and_ctrl_c_stops_everything(tmp_path):
         def busy():
             status, body = http_get(f"http://127.0.0.1:{port}/metrics")
             m = Metrics(body) if status == 200 else None
-            return m and (m.sum("celery_task_succeeded_total") >= 10 and m.sum("celery_task_failed_total") >= 1
+            # The first failure may be fetch_feed's ConnectionError (retries exhausted), so wait for the
+            # specific PaymentDeclined rather than asserting it right after any failure was seen.
+            return m and (m.sum("celery_task_succeeded_total") >= 10
+                          and m.sum("celery_task_failed_total", exception="PaymentDeclined") >= 1
                           and m.sum("celery_task_retried_total") >= 1
                           and m.sum("celery_task_sent_total", name="demo.legacy_sync", queue_name="legacy") >= 1) and m
         m = wait_for(busy, 60, 1.0, message="demo traffic counted")
         assert m.value("celery_worker_up", hostname=f"demo1@{HOST}") == 1
         assert m.value("celery_worker_up", hostname=f"demo2@{HOST}") == 1
-        assert m.sum("celery_task_failed_total", exception="PaymentDeclined") >= 1
         descendants = psutil.Process(demo.pid).children(recursive=True)
         assert len(descendants) >= 4
     finally:
