@@ -240,10 +240,8 @@ class EventsSource(Source):
             parser = PubSubParser()
             last_ping = time.monotonic()
             while not self.stopping:
-                data = reader.take(DRAIN_TIMEOUT)
-                if data:
-                    for payload in parser.feed(data):
-                        self._apply_redis_payload(payload)
+                for payload in parser.feed(reader.take(DRAIN_TIMEOUT)):  # also b"": a parse error left raises
+                    self._apply_redis_payload(payload)
                 now = time.monotonic()
                 if now - last_ping > REDIS_PING_INTERVAL:
                     last_ping = now
@@ -377,6 +375,11 @@ class FrameReader:
                 if end >= size_total:
                     break
                 if buf[end] != 0xCE:
+                    # Kept where it is: the good frames before it go out first, then
+                    # every read fails the same way (never a frame from behind it).
+                    self.buf, self.pos = buf, pos
+                    if pending:
+                        return
                     self.transport.connected = False
                     raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
                 pending.append((frame_type, channel, buf[pos + 7:end]))
@@ -493,12 +496,63 @@ class RedisReader(threading.Thread):
             self.join(2.0)
 
 
+class _Incomplete(Exception):
+    """The value at hand is not all there yet."""
+
+
+_LENGTH_PREFIXED = (36, 33, 61)  # '$' bulk string, '!' bulk error, '=' verbatim string
+_AGGREGATES = {42: 1, 62: 1, 126: 1, 37: 2, 124: 2}  # '*' array, '>' push, '~' set: n items; '%' map, '|' attribute: 2n
+_LINES = (43, 45, 58, 95, 35, 44, 40)  # '+' '-' ':' '_' '#' ',' '(': one line each
+_ERRORS = (45, 33)  # '-' and '!'
+
+
+def _protocol_error(what: str, buf: bytes, pos: int) -> ConnectionError:
+    return ConnectionError(f"Redis protocol error: {what} at {bytes(buf[pos:pos + 40])!r}")
+
+
+def _resp_value(buf: bytes, pos: int, size: int):
+    """The RESP2/RESP3 value at ``pos`` and the position after it; raises
+    ``_Incomplete``. Strings are bytes (``None`` for a null); one-line values
+    are (type byte, text) tuples, so that nothing else passes for a string."""
+    nl = buf.find(b"\r\n", pos)
+    if nl < 0:
+        raise _Incomplete
+    kind = buf[pos]
+    if kind in _LENGTH_PREFIXED or kind in _AGGREGATES:
+        try:
+            count = int(buf[pos + 1:nl])
+        except ValueError:
+            raise _protocol_error("a length that is not a number", buf, pos) from None
+        if count < 0:  # null string or array
+            return None, nl + 2
+        if kind in _LENGTH_PREFIXED:
+            end = nl + 2 + count
+            if end + 2 > size:
+                raise _Incomplete
+            if buf[end] != 13 or buf[end + 1] != 10:
+                raise _protocol_error("a string longer than its length", buf, pos)
+            value = buf[nl + 2:end]
+            return (value if kind == 36 else (kind, value)), end + 2
+        pos = nl + 2
+        items = []
+        for _ in range(count * _AGGREGATES[kind]):
+            item, pos = _resp_value(buf, pos, size)
+            items.append(item)
+        return items, pos
+    if kind in _LINES:
+        return (kind, buf[pos + 1:nl]), nl + 2
+    raise _protocol_error("an unknown type byte", buf, pos)
+
+
 class PubSubParser:
     """Incremental RESP2/RESP3 parser for a subscription: yields message payloads.
 
-    Frames are arrays (``*`` or RESP3 push ``>``) of bulk strings and integers:
-    ``pmessage pattern channel payload``, ``message channel payload``, the
-    ``psubscribe`` confirmations and ``pong`` replies (ignored).
+    Messages are arrays (``*`` or RESP3 push ``>``) of bulk strings:
+    ``pmessage pattern channel payload`` and ``message channel payload``.
+    Every other reply (subscribe confirmations, ``pong``, one-line replies,
+    RESP3 maps, sets, attributes) is skipped whole; an error reply or bytes
+    that are not RESP raise ``ConnectionError`` (the events source then
+    reconnects): a stream out of step is never read as messages.
     """
 
     def __init__(self):
@@ -509,46 +563,26 @@ class PubSubParser:
         out = []
         pos = 0
         size = len(buf)
-        find = buf.find
-        while pos < size:
-            start = pos
-            kind = buf[pos]
-            nl = find(b"\r\n", pos)
-            if nl < 0:
-                break
-            if kind not in (42, 62):  # '*' array, '>' push: anything else is a lone reply
-                if kind == 45:  # '-' error
-                    raise ConnectionError(f"Redis: {buf[pos + 1:nl].decode(errors='replace')}")
-                pos = nl + 2
-                continue
-            count = int(buf[pos + 1:nl])
-            pos = nl + 2
-            items = []
-            complete = True
-            for _ in range(count):
-                if pos >= size:
-                    complete = False
-                    break
-                nl = find(b"\r\n", pos)
-                if nl < 0:
-                    complete = False
-                    break
-                if buf[pos] == 36:  # '$' bulk string
-                    length = int(buf[pos + 1:nl])
-                    begin = nl + 2
-                    end = begin + length
-                    if end + 2 > size:
-                        complete = False
-                        break
-                    items.append(buf[begin:end])
-                    pos = end + 2
-                else:
-                    items.append(buf[pos + 1:nl])
-                    pos = nl + 2
-            if not complete:
-                pos = start
-                break
-            if items and items[0] in (b"pmessage", b"message"):
-                out.append(items[-1])
+        try:
+            while pos < size:
+                value, end = _resp_value(buf, pos, size)
+                if type(value) is list:
+                    if value and (value[0] == b"pmessage" or value[0] == b"message"):
+                        payload = value[-1]
+                        if len(value) != (4 if value[0] == b"pmessage" else 3) or type(payload) is not bytes:
+                            raise _protocol_error("a malformed message", buf, pos)
+                        out.append(payload)
+                elif type(value) is tuple and value[0] in _ERRORS:
+                    raise ConnectionError(f"Redis: {value[1].decode(errors='replace')}")
+                pos = end
+        except _Incomplete:
+            pass
+        except ConnectionError:
+            # Kept where it is: the messages before it go out first, then every
+            # feed (also of b"") fails the same way.
+            self.buf = buf[pos:]
+            if out:
+                return out
+            raise
         self.buf = buf[pos:]
         return out
