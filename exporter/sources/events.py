@@ -17,6 +17,9 @@ The receive path is lean on purpose (see docs/scaling.md for the profile):
   ``client-output-buffer-limit pubsub`` is never reached while the exporter
   catches up, and the events thread parses the RESP frames itself.
 
+What RabbitMQ dropped from our queues is read from the management API (with
+``--rabbitmq-management-url``) by a thread of its own, off the events thread.
+
 With ``--shard-task-events NAME`` (RabbitMQ), task events come from a shared
 queue NAME that several replicas consume (competing consumers, acked in
 batches) while worker events still come to each replica's own queue.
@@ -72,8 +75,8 @@ class EventsSource(Source):
         self.ingest = IngestStats(shard_queue=self.shard_queue)
         self._no_events_hint_logged = False
         self._next_enable_events = 0.0
-        self._next_queue_stats = 0.0
         self._management = None  # rabbitmq.ManagementAccess, when there is an API to read drops from
+        self._drops_thread: threading.Thread | None = None
         if config.broker_kind == "amqp" and getattr(config, "rabbitmq_management_url", ""):
             from .rabbitmq import management_access
 
@@ -158,6 +161,19 @@ class EventsSource(Source):
             channel.basic_ack(tag, multiple=True)
 
     # -------------------------------------------------------------- running
+    def start(self) -> None:
+        super().start()
+        if self._management is not None:  # no API, no thread: nothing is ever requested
+            self._drops_thread = threading.Thread(target=self._poll_queue_drops, name="events-queue-drops",
+                                                  daemon=True)
+            self._drops_thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        super().stop(timeout)
+        if self._drops_thread is not None:  # a request may be under way; a daemon: a hung one holds nothing
+            self._drops_thread.join(max(0.0, deadline - time.monotonic()))
+
     def run(self) -> None:
         backoff = Backoff()
         while not self.stopping:
@@ -280,9 +296,6 @@ class EventsSource(Source):
         if self.config.enable_events and now >= self._next_enable_events:
             self._next_enable_events = now + self.config.enable_events_interval
             self.app.control.enable_events(connection=connection)
-        if self._management is not None and now >= self._next_queue_stats:
-            self._next_queue_stats = now + QUEUE_STATS_INTERVAL
-            self._read_queue_drops()
         if not self._no_events_hint_logged:
             with self.state.lock:
                 silent_for = self.state.seconds_without_task_events(now)
@@ -293,6 +306,13 @@ class EventsSource(Source):
                     "without -E (worker_send_task_events); start them with -E or run the exporter with "
                     "--enable-events", silent_for)
 
+    def _poll_queue_drops(self) -> None:
+        """Its own thread, every QUEUE_STATS_INTERVAL from the start: a slow or
+        hung management API never stalls event intake."""
+        while not self.stopping:
+            self._read_queue_drops()
+            self.sleep(QUEUE_STATS_INTERVAL)
+
     def _read_queue_drops(self) -> None:
         """Messages RabbitMQ dropped from our queues (TTL, max length) = published
         into the queue - delivered - still there, from the management API."""
@@ -301,7 +321,8 @@ class EventsSource(Source):
                 if name:
                     stats = management_queue(self._management, name)
                     if stats is not None:
-                        self.ingest.observe_queue_drops(role, stats)
+                        with self.state.lock:  # a scrape reads ingest.lost_messages under it
+                            self.ingest.observe_queue_drops(role, stats)
         except Exception as exc:  # the management API is optional: never disturb consuming
             self.log.debug("queue statistics unavailable: %s", describe_error(exc))
 
