@@ -94,15 +94,42 @@ def make_amqp_broker() -> Broker:
     return broker
 
 
-# Databases 1-13 rotate between tests (each is flushed before use; tests run one at a
-# time); 14 is the demo's default and 15 the demo test's.
+# Databases 1-13 rotate between the tests of a pytest process (each flushed before use);
+# 14 is the demo's default and 15 the demo test's. A lease in db 0 keeps a database
+# away from another pytest process on this machine (a second run, a helper's run)
+# while this one may still use it; the lease outlives a crash by at most LEASE_SECONDS.
 _redis_dbs = itertools.cycle(range(1, 14))
+LEASE_SECONDS = 900
+
+
+def _dead_here(owner: str) -> bool:
+    """A lease of a process of this host that has exited (a killed pytest run)."""
+    host, _, pid = owner.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+
+
+def _lease_redis_db(client) -> int:
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + 120
+    while True:
+        for _ in range(13):
+            db = next(_redis_dbs)
+            key = f"celery-health-exporter:test-db-lease:{db}"
+            if client.set(key, me, nx=True, ex=LEASE_SECONDS):
+                return db
+            owner = (client.get(key) or b"").decode()
+            if owner == me or _dead_here(owner):
+                client.set(key, me, ex=LEASE_SECONDS)
+                return db
+        if time.monotonic() > deadline:
+            raise RuntimeError("every Redis test database (1-13) is leased by other pytest processes")
+        time.sleep(1)
 
 
 def make_redis_broker() -> Broker:
     import redis
 
-    db = next(_redis_dbs)
+    db = _lease_redis_db(redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0))
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
     broker = Broker("redis", f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
     broker.db = db

@@ -48,7 +48,7 @@ from celery import Celery
 from kombu.connection import Connection
 
 from tests.apps.testapp import client
-from tests.harness import HOST, REDIS_HOST, REDIS_PORT, Broker, ExporterProcess, TcpProxy, WorkerProcess
+from tests.harness import HOST, REDIS_HOST, REDIS_PORT, ExporterProcess, TcpProxy, WorkerProcess, make_redis_broker
 
 from .conftest import ALERTS_FILE, PrometheusConfig, PrometheusError, PrometheusServer, override_rules
 from .test_dashboards import DASHBOARDS, QUERIES, variable_selectors
@@ -67,9 +67,6 @@ REVOKES_MAX = 100  # CELERY_WORKER_REVOKES_MAX of the worker that receives the e
 PUBLISHER = f"{MARK}-web"
 FAST = ("--inspect-interval", "1", "--worker-timeout", "3", "--stall-after", "4", "--lost-task-grace", "2",
         "--broker-poll-interval", "1")
-# Redis database 13: the last of the harness' rotation (1-13), which concurrent test sessions
-# starting at 1 rarely reach; events are per database too (kombu's fanout_prefix).
-REDIS_DB = 13
 MIXIN_FILE = Path(os.environ.get("CELERY_MIXIN_QUERIES", "/work/shared/compat/celery-mixin-queries.json"))
 
 # Expression overrides, on top of FOR: only where the shipped rule waits for wall-clock time that
@@ -236,11 +233,8 @@ def _metric(exporter: ExporterProcess, name: str, /, **labels) -> float | None:
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, prometheus_factory):
-    import redis
-
     workdir = tmp_path_factory.mktemp("e2e")
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB).flushdb()
-    broker = Broker("redis", f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}")
+    broker = make_redis_broker()  # a database leased from the harness: events are per database too
     cleanup: list[Callable[[], None]] = []  # run in reverse order, whatever happened
     try:
         s = _setup(workdir, broker, prometheus_factory, cleanup)
