@@ -5,6 +5,7 @@ A scrape renders from memory only: it never waits on the broker.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import html
 import time
 
@@ -19,12 +20,19 @@ async def metrics(request: web.Request) -> web.Response:
     # The state's families are written directly (fast); the process_* ones by
     # prometheus_client, whose OpenMetrics output ends with the one "# EOF".
     # Rendered in a thread, so that probes are answered while a large scrape is written.
-    body = await asyncio.to_thread(
-        lambda: exporter.collector.render(openmetrics).encode() + encoder(exporter.registry))
-    response = web.Response(body=body, headers={"Content-Type": content_type})
-    if "gzip" in request.headers.get("Accept-Encoding", ""):
-        response.enable_compression()
-    return response
+    gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+
+    def render() -> bytes:
+        body = exporter.collector.render(openmetrics).encode() + encoder(exporter.registry)
+        # Level 1: the exposition is so repetitive that it still shrinks ~20x, at a
+        # fraction of the default level's time (aiohttp's own compression uses 6).
+        return gzip.compress(body, compresslevel=1, mtime=0) if gzipped else body
+
+    body = await asyncio.to_thread(render)
+    headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -164,5 +164,15 @@ def test_http_endpoints_openmetrics_static_labels_prefix_and_json_logs(make_expo
     assert "# TYPE ch_exporter_broker_reconnects counter" in body
     assert Metrics(exporter.get("/metrics")[1]).value("ch_exporter_broker_reconnects_total", cluster="eu1") == 0
 
+    # What Prometheus asks for: gzip. The body must be the same exposition, compressed.
+    import gzip
+    import urllib.request
+    request = urllib.request.Request(exporter.base + "/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert "Accept-Encoding" in response.headers["Vary"]
+        unzipped = gzip.decompress(response.read()).decode()
+    assert Metrics(unzipped).value("ch_exporter_broker_reconnects_total", cluster="eu1") == 0
+
     lines = [line for line in exporter.log().splitlines() if line.strip()]
     assert lines and all(json.loads(line)["level"] for line in lines)
