@@ -1,16 +1,16 @@
 """/metrics render time at scale: W workers x K task names, from memory (no broker involved).
 
-    python -m benchmarks.scrape                       # 500 workers x 50 names, every worker runs every name
-    python -m benchmarks.scrape --names-per-worker 5  # a partitioned cluster: each worker runs 5 of the 50
+    python -m benchmarks.scrape                  # the scenarios below, one table, JSON in benchmarks/results/
+    python -m benchmarks.scrape --workers 500 --names 50 --names-per-worker 5 --flag=--no-hostname-in-task-histograms
 
 Builds the exporter exactly as the daemon does (``Exporter(config)``: state,
-sources not started, the registry /metrics renders), feeds it real-format
+sources not started, the collector /metrics renders), feeds it real-format
 events (worker-online, task-received/started/succeeded/failed) until every
-(worker, name) flow exists, then times what a scrape does: the collect phase
-(state lock held: event intake waits meanwhile) and the full text render, as
-the median of ``--repeat`` scrapes. Also times a prototype of the proposed
-renderer (task-flow series written straight to text, each flow's lines
-cached until the flow changes) to measure the gain of that proposal.
+(worker, name) flow exists, then times what a scrape does, as the median of
+``--repeat`` scrapes: the render of the state's families (the state lock is
+held meanwhile: event intake waits), the same plus gzip (what Prometheus asks
+for), and, for the smaller scenarios, the same families through
+prometheus_client's objects and encoder (what the exporter did first).
 """
 from __future__ import annotations
 
@@ -59,119 +59,74 @@ def build(workers: int, names: int, names_per_worker: int, extra_flags: list[str
     return exporter
 
 
-def time_scrapes(exporter, repeat: int) -> dict:
-    """What /metrics serves: the state's families written directly (exporter.collector.render),
-    and for comparison the same families through prometheus_client's objects and encoder."""
+def time_scrapes(exporter, repeat: int, compare_client: bool) -> dict:
+    import gzip
+
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import generate_latest
 
-    served, through_client, size = [], [], 0
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(exporter.collector)
+    served, zipped, through_client = [], [], []
     for _ in range(repeat):
         started = time.perf_counter()
-        body = exporter.collector.render()
+        body = exporter.collector.render().encode()
         served.append(time.perf_counter() - started)
-        size = len(body)
         started = time.perf_counter()
-        generate_latest(registry)
-        through_client.append(time.perf_counter() - started)
-    return {"served_render_ms": round(statistics.median(served) * 1000, 1),
-            "prometheus_client_render_ms": round(statistics.median(through_client) * 1000, 1),
-            "bytes": size, "lines": body.count("\n")}
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _flow_text(prefix, name, hostname, queue, flow) -> str:
-    labels = f'name="{_escape(name)}",hostname="{_escape(hostname)}",queue_name="{_escape(queue)}"'
-    lines = [f"{prefix}task_{kind}_total{{{labels}}} {float(getattr(flow, kind))}"
-             for kind in ("received", "started", "succeeded", "retried", "revoked", "rejected")]
-    for exception, count in flow.failed.items():
-        lines.append(f'{prefix}task_failed_total{{{labels},exception="{_escape(exception)}"}} {float(count)}')
-    for metric, histogram in (("task_runtime", flow.runtime), ("task_queue_wait_time", flow.queue_wait)):
-        for le, count in histogram.cumulative():
-            lines.append(f'{prefix}{metric}_bucket{{{labels},le="{le}"}} {float(count)}')
-        lines.append(f"{prefix}{metric}_count{{{labels}}} {float(histogram.count)}")
-        lines.append(f"{prefix}{metric}_sum{{{labels}}} {histogram.sum}")
-    return "\n".join(lines)
-
-
-def _flow_version(flow) -> tuple:
-    return (flow.received, flow.started, flow.succeeded, flow.retried, flow.revoked, flow.rejected,
-            sum(flow.failed.values()), flow.runtime.sum, flow.queue_wait.sum)
-
-
-def prototype(exporter, repeat: int) -> dict:
-    """Task-flow lines straight to text, cached per flow until it changes (here: a version
-    tuple; in the model it would be a counter bumped by the handlers)."""
-    state = exporter.state
-    cache: dict = {}
-    cold, warm = [], []
-    for i in range(repeat):
-        if i == 0:
-            cache.clear()
-        started = time.perf_counter()
-        with state.lock:
-            parts = []
-            for hostname, worker in state.workers.items():
-                for (name, queue), flow in worker.flows.items():
-                    key = (hostname, name, queue)
-                    version = _flow_version(flow)
-                    hit = cache.get(key)
-                    if hit is None or hit[0] != version:
-                        hit = cache[key] = (version, _flow_text("celery_", name, hostname, queue, flow))
-                    parts.append(hit[1])
-        body = "\n".join(parts)
-        (cold if i == 0 else warm).append(time.perf_counter() - started)
-    return {"cold_ms": round(cold[0] * 1000, 1), "warm_ms": round(statistics.median(warm) * 1000, 1),
-            "bytes": len(body)}
-
-
-def tasks_area_only(exporter, repeat: int) -> float:
-    """The same series through the current path (tasks area -> Metric objects -> text)."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.exposition import generate_latest
-
-    from exporter.metrics import StateCollector
-    from exporter.metrics import definitions
-
-    areas = definitions._AREA_MODULES
-    definitions._AREA_MODULES = ("exporter.metrics.tasks",)
-    try:
+        packed = gzip.compress(body, compresslevel=1, mtime=0)
+        zipped.append(time.perf_counter() - started + served[-1])
+    if compare_client:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(StateCollector(exporter.state, [], prefix="celery_"))
-        times = []
-        for _ in range(repeat):
+        registry.register(exporter.collector)
+        for _ in range(max(1, repeat // 2)):
             started = time.perf_counter()
             generate_latest(registry)
-            times.append(time.perf_counter() - started)
-    finally:
-        definitions._AREA_MODULES = areas
-    return round(statistics.median(times) * 1000, 1)
+            through_client.append(time.perf_counter() - started)
+    ms = lambda values: round(statistics.median(values) * 1000, 1) if values else None  # noqa: E731
+    return {"render_ms": ms(served), "render_gzip_ms": ms(zipped), "prometheus_client_ms": ms(through_client),
+            "bytes": len(body), "gzip_bytes": len(packed), "lines": body.count(b"\n")}
+
+
+SCENARIOS = (  # (label, workers, names, names per worker, extra flags, compare with prometheus_client)
+    ("20 workers x 50 names", 20, 50, 50, [], True),
+    ("500 workers x 5 of 50 names", 500, 50, 5, [], True),
+    ("500 workers x 50 names", 500, 50, 50, [], False),
+    ("500 workers x 50 names, --no-hostname-in-task-histograms", 500, 50, 50,
+     ["--no-hostname-in-task-histograms"], False),
+)
+
+
+def run(label, workers, names, per_worker, flags, compare_client, repeat) -> dict:
+    exporter = build(workers, names, per_worker, flags)
+    flows = sum(len(w.flows) for w in exporter.state.workers.values())
+    return {"scenario": label, "flows": flows, **time_scrapes(exporter, repeat, compare_client)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", type=int, default=500)
+    p.add_argument("--workers", type=int, help="one scenario instead of the built-in ones")
     p.add_argument("--names", type=int, default=50)
     p.add_argument("--names-per-worker", type=int, default=0, help="0 = every name on every worker")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--flag", action="append", default=[], help="extra exporter flag, e.g. --flag=--max-workers=1000")
     args = p.parse_args(argv)
-    per_worker = args.names_per_worker or args.names
-    flags = [f for item in args.flag for f in item.split("=", 1)]
-    started = time.perf_counter()
-    exporter = build(args.workers, args.names, per_worker, flags)
-    built = time.perf_counter() - started
-    flows = sum(len(w.flows) for w in exporter.state.workers.values())
-    result = {"workers": args.workers, "names": args.names, "names_per_worker": per_worker, "flows": flows,
-              "build_s": round(built, 1), "current": time_scrapes(exporter, args.repeat),
-              "current_tasks_area_ms": tasks_area_only(exporter, args.repeat),
-              "prototype_tasks_area": prototype(exporter, args.repeat + 1)}
-    print(json.dumps(result, indent=2))
+    if args.workers:
+        flags = [f for item in args.flag for f in item.split("=", 1)]
+        scenarios = [(f"{args.workers} workers x {args.names_per_worker or args.names} of {args.names} names "
+                      f"{' '.join(flags)}".strip(), args.workers, args.names, args.names_per_worker or args.names,
+                      flags, True)]
+    else:
+        scenarios = SCENARIOS
+    results = []
+    print("| scenario | task flows | lines | MB | render ms | render + gzip ms | gzip MB | prometheus_client ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for scenario in scenarios:
+        r = run(*scenario, args.repeat)
+        results.append(r)
+        client = r["prometheus_client_ms"] if r["prometheus_client_ms"] is not None else "-"
+        print(f"| {r['scenario']} | {r['flows']:,} | {r['lines']:,} | {r['bytes'] / 1e6:.1f} | {r['render_ms']} | "
+              f"{r['render_gzip_ms']} | {r['gzip_bytes'] / 1e6:.2f} | {client} |", flush=True)
+    out = ROOT / "benchmarks" / "results" / time.strftime("scrape-%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written {out.relative_to(ROOT)}")
     return 0
 
 

@@ -29,6 +29,7 @@ def build_state(config) -> ClusterState:
         purge_offline_after=config.purge_offline_after,
         runtime_buckets=config.runtime_buckets,
         queue_wait_buckets=config.queue_wait_buckets,
+        task_histograms_by_worker=config.task_histograms_by_worker,
         max_tracked_tasks=config.max_tracked_tasks,
         stall_after=config.stall_after,
         lost_task_grace=config.lost_task_grace,

@@ -129,12 +129,7 @@ def _workers(state, now: float, hint_after: float) -> list[Finding]:
 def _tasks(state, now: float) -> list[Finding]:
     out = []
     _, _, oldest_by_name = state.in_flight()
-    runtimes: dict[str, list[float]] = {}
-    for worker in state.workers.values():
-        for (name, _queue), flow in worker.flows.items():
-            total = runtimes.setdefault(name, [0, 0.0])
-            total[0] += flow.runtime.count
-            total[1] += flow.runtime.sum
+    runtimes = state.runtime_by_name()
     for name, started in oldest_by_name.items():
         age = now - started
         count, total = runtimes.get(name, (0, 0.0))

@@ -3,11 +3,13 @@
 Each area module (``tasks``, ``workers``, ``exporter_self``...) declares its
 ``DEFINITIONS`` and a ``collect(ctx)`` generator of ``(definition, label
 values, value)``; this module turns them into Prometheus families with the
-configured prefix and static labels. Nothing is cached between scrapes, so a
-worker or queue that went away leaves no stale series.
+configured prefix and static labels. No value is cached between scrapes, so a
+worker or queue that went away leaves no stale series (only escaped label text
+is kept, see ``text.LabelCache``).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -15,7 +17,7 @@ from typing import Iterable, Iterator
 from prometheus_client.metrics_core import Metric
 
 from .definitions import AREAS, MetricDef, all_definitions
-from .text import render_families
+from .text import LabelCache, expand_columns, render_families
 
 __all__ = ["MetricDef", "ScrapeContext", "StateCollector", "all_definitions"]
 
@@ -45,10 +47,16 @@ class StateCollector:
         self.sources = sources
         self.prefix = prefix
         self.static_labels = dict(static_labels or {})
+        self._labels = LabelCache(self.static_labels)
+        self._render_lock = threading.Lock()  # the label cache is one scrape's at a time
 
     def samples(self):
         """Every (definition, label values, value) of a scrape. The state lock is held
         while the caller consumes it: consume it at once."""
+        return expand_columns(self._samples())
+
+    def _samples(self):
+        """The same, with the task flows as text.Column samples (what render() takes)."""
         now = time.time()
         ctx = ScrapeContext(self.state, self.sources, now)
         with self.state.lock:
@@ -72,7 +80,8 @@ class StateCollector:
         Same output as prometheus_client's encoders for these families (a test checks
         it), without building a Metric and a Sample object per line: at 1,000 task
         flows that took about a second, under the state lock."""
-        return render_families(self.samples(), self.prefix, self.static_labels, openmetrics)
+        with self._render_lock:
+            return render_families(self._samples(), self.prefix, self.static_labels, openmetrics, self._labels)
 
     def _add(self, family: Metric, definition: MetricDef, label_values: Iterable, value) -> None:
         labels = dict(zip(definition.labels, label_values))

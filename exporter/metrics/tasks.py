@@ -1,7 +1,11 @@
 """Task flow metrics: same names and label keys as prometheus-exporter-celery / celery-mixin."""
 from __future__ import annotations
 
+from dataclasses import replace
+from operator import attrgetter
+
 from .definitions import counter, gauge, histogram
+from .text import Column
 
 FLOW_LABELS = ("name", "hostname", "queue_name")
 
@@ -19,6 +23,9 @@ QUEUE_WAIT = histogram(
     "task_queue_wait_time",
     "Seconds from task-received (or its ETA, when later) to task-started, on the worker's clock.",
     *FLOW_LABELS)
+# The same two families under --no-hostname-in-task-histograms (one name, one contract: not listed twice).
+RUNTIME_NO_HOSTNAME = replace(RUNTIME, labels=("name", "queue_name"))
+QUEUE_WAIT_NO_HOSTNAME = replace(QUEUE_WAIT, labels=("name", "queue_name"))
 
 EXPIRED = counter("task_expired", "Tasks discarded because their `expires` had passed (each one also grows the "
                   "workers' revoked sets).", "name", "queue_name")
@@ -35,23 +42,33 @@ DEFINITIONS = (SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJ
                EXPIRED, LOST, UNPICKLABLE, ACTIVE_OLDEST)
 
 
+_FLOW_COUNTERS = ((RECEIVED, "received"), (STARTED, "started"), (SUCCEEDED, "succeeded"), (RETRIED, "retried"),
+                  (REVOKED, "revoked"), (REJECTED, "rejected"))
+
+
 def collect(ctx):
     state = ctx.state
     for (name, queue), count in state.sent.items():
         yield SENT, (name, queue), count
-    for hostname, worker in state.workers.items():
-        for (name, queue), flow in worker.flows.items():
-            labels = (name, hostname, queue)
-            yield RECEIVED, labels, flow.received
-            yield STARTED, labels, flow.started
-            yield SUCCEEDED, labels, flow.succeeded
-            yield RETRIED, labels, flow.retried
-            yield REVOKED, labels, flow.revoked
-            yield REJECTED, labels, flow.rejected
-            for exception, count in flow.failed.items():
-                yield FAILED, (*labels, exception), count
-            yield RUNTIME, labels, flow.runtime
-            yield QUEUE_WAIT, labels, flow.queue_wait
+    # One Column per family over all flows (the renderer's fast path; see text.Column).
+    flows = [flow for worker in state.workers.values() for flow in worker.flows.values()]
+    labels = [flow.labels for flow in flows]
+    for definition, attribute in _FLOW_COUNTERS:
+        yield definition, None, Column(labels, list(map(attrgetter(attribute), flows)))
+    failed_labels, failed = [], []
+    for flow_labels, flow in zip(labels, flows):
+        for exception, count in flow.failed.items():
+            failed_labels.append((*flow_labels, exception))
+            failed.append(count)
+    yield FAILED, None, Column(failed_labels, failed)
+    if state.task_histograms is None:
+        yield RUNTIME, None, Column(labels, [flow.runtime for flow in flows])
+        yield QUEUE_WAIT, None, Column(labels, [flow.queue_wait for flow in flows])
+    else:
+        keys = list(state.task_histograms)
+        pairs = list(state.task_histograms.values())
+        yield RUNTIME_NO_HOSTNAME, None, Column(keys, [runtime for runtime, _ in pairs])
+        yield QUEUE_WAIT_NO_HOSTNAME, None, Column(keys, [queue_wait for _, queue_wait in pairs])
     for (name, queue), count in state.expired.items():
         yield EXPIRED, (name, queue), count
     for key, count in state.lost.items():

@@ -1,11 +1,17 @@
 """Prometheus text (0.0.4) and OpenMetrics exposition, written straight from samples.
 
 The hot part of a scrape: thousands of task flows times their histogram buckets.
-Label sets are escaped once and reused for every line of a sample.
+What makes it fast (benchmarks/scrape.py measures it):
+- a series' escaped label set is built once and kept between scrapes (``LabelCache``);
+- a histogram is one ``str.format`` call on a template made once per family and
+  bucket layout, with its cumulative counts from ``itertools.accumulate``;
+- the task flows come as ``Column`` samples: one per family, all flows at once,
+  their label texts looked up once for the six counters and two histograms.
 """
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 
 def _escape_label(value: str) -> str:
@@ -28,41 +34,174 @@ def _number(value) -> str:
     return repr(value)
 
 
-def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool) -> str:
+class LabelCache:
+    """Escaped ``k="v",...`` strings of the series seen recently, per label-name tuple.
+
+    Label sets of task flows live as long as their worker: escaping and joining
+    them again at every scrape was a third of the render. Bounded: when it holds
+    far more series than the last scrape used (workers purged, names folded), it
+    starts over.
+    """
+
+    def __init__(self, static_labels: dict):
+        self.static = ",".join(f'{k}="{_escape_label(v)}"' for k, v in static_labels.items())
+        self._by_names: dict[tuple, dict[tuple, str]] = {}
+        self.columns: dict[str, tuple[list, str]] = {}  # see _counter_column
+        self._size = 0
+        self._used = 0
+
+    def table(self, names: tuple) -> dict[tuple, str]:
+        """The label sets of one label-name tuple: look up there, ``add`` on a miss."""
+        table = self._by_names.get(names)
+        if table is None:
+            table = self._by_names[names] = {}
+        return table
+
+    def add(self, table: dict, names: tuple, values: tuple) -> str:
+        parts = [self.static] if self.static else []
+        parts.extend(f'{key}="{_escape_label(value)}"' for key, value in zip(names, values))
+        text = table[values] = ",".join(parts)
+        self._size += 1
+        return text
+
+    def get(self, names: tuple, values: tuple) -> str:
+        table = self.table(names)
+        return table.get(values) or self.add(table, names, values)
+
+    def end_scrape(self, used: int) -> None:
+        """``used``: how many series the scrape rendered."""
+        if self._size > 2 * used + 1000:
+            self._by_names.clear()
+            self.columns.clear()
+            self._size = 0
+
+
+class Column:
+    """Many series of one family as one sample ``(definition, None, Column)``.
+
+    ``labels``: a list of label-value tuples, which the columns of several families
+    may share (looked up once per scrape); ``values``: theirs, in the same order.
+    """
+
+    __slots__ = ("labels", "values")
+
+    def __init__(self, labels: list, values: list):
+        self.labels = labels
+        self.values = values
+
+
+def expand_columns(samples):
+    """The same samples with every Column split into one sample per series."""
+    for definition, label_values, value in samples:
+        if label_values is None:
+            for series_labels, series_value in zip(value.labels, value.values):
+                yield definition, series_labels, series_value
+        else:
+            yield definition, label_values, value
+
+
+def _histogram_template(name: str, bounds: tuple, labelled: bool) -> str:
+    """``str.format`` template of one histogram series: {0} is the label set, then the
+    cumulative bucket counts ({len(bounds)+1} is +Inf and also _count), then _sum."""
+    sep = "{0}," if labelled else ""
+    around = "{{{0}}}" if labelled else ""
+    lines = [f'{name}_bucket{{{{{sep}le="{float(bound)!r}"}}}} {{{i}}}' for i, bound in enumerate(bounds, 1)]
+    total = len(bounds) + 1
+    lines.append(f'{name}_bucket{{{{{sep}le="+Inf"}}}} {{{total}}}')
+    lines.append(f"{name}_count{around} {{{total}}}")
+    lines.append(f"{name}_sum{around} {{{total + 1}}}")
+    return "\n".join(lines)
+
+
+def _histogram(templates: dict, name: str, labels: str, histogram) -> str:
+    key = (name, histogram.bounds, bool(labels))
+    template = templates.get(key)
+    if template is None:
+        template = templates[key] = _histogram_template(name, histogram.bounds, bool(labels))
+    return template.format(labels, *accumulate(histogram.counts), _number(histogram.sum))
+
+
+def _counter_column(cache: "LabelCache", name: str, column: Column, texts: list) -> str:
+    """All lines of a counter column. The series of a busy cluster change their values,
+    rarely their label sets: the lines are kept as one %-template per family until
+    the label list differs, and a scrape is one C-level format of the values."""
+    values = column.values
+    if set(map(type, values)) != {int}:  # %d is for counts only (and not bools)
+        return "\n".join(f"{name}_total{{{text}}} {_number(v)}" for text, v in zip(texts, values))
+    hit = cache.columns.get(name)
+    if hit is None or hit[0] != column.labels:  # same tuples in the same order: an identity walk
+        template = "\n".join(f"{name}_total{{{text.replace('%', '%%')}}} %d" for text in texts)
+        hit = cache.columns[name] = (column.labels, template)
+    return hit[1] % tuple(values)
+
+
+def _column_texts(cache: LabelCache, names: tuple, labels: list, seen: dict) -> list:
+    """Label texts of a column's series; a label list shared by several columns is looked up once."""
+    hit = seen.get(id(labels))
+    if hit is not None and hit[0] is labels:
+        return hit[1]
+    table = cache.table(names)
+    texts = [table.get(values) or cache.add(table, names, values) for values in labels]
+    seen[id(labels)] = (labels, texts)  # holding the list keeps its id from being reused
+    return texts
+
+
+def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool,
+                    labels: LabelCache | None = None) -> str:
     """``samples``: (MetricDef, label values, value) in any order; families come out
     in first-seen order, each with its HELP and TYPE."""
-    static = ",".join(f'{k}="{_escape_label(v)}"' for k, v in static_labels.items())
-    escaped: dict[str, str] = {}
-    families: dict = {}
+    cache = labels if labels is not None else LabelCache(static_labels)
+    templates: dict[tuple, str] = {}
+    families: dict = {}  # by id: a dataclass hash walks every field, at every sample
+    current = None
+    used = 0
+    # The loop below runs once per series (hundreds of thousands at scale): what is
+    # the same as the previous sample's (family, label table) is not looked up again.
+    column_texts: dict[int, tuple[list, list]] = {}
     for definition, label_values, value in samples:
-        lines = families.get(definition)
-        if lines is None:
-            lines = families[definition] = []
-        parts = [static] if static else []
-        for key, label in zip(definition.labels, label_values):
-            text = escaped.get(label)
-            if text is None:
-                text = escaped[label] = _escape_label(label)
-            parts.append(f'{key}="{text}"')
-        labels = ",".join(parts)
-        name = prefix + definition.name
-        if definition.kind == "counter":
-            lines.append(f"{name}_total{{{labels}}} {_number(value)}" if labels else
-                         f"{name}_total {_number(value)}")
-        elif definition.kind == "histogram":
-            bucket = f"{name}_bucket{{{labels}," if labels else f"{name}_bucket{{"
-            for le, count in value.cumulative():
-                lines.append(f'{bucket}le="{le}"}} {count}')
-            suffix = f"{{{labels}}}" if labels else ""
-            lines.append(f"{name}_count{suffix} {value.count}")
-            lines.append(f"{name}_sum{suffix} {_number(value.sum)}")
+        if label_values is None:  # a Column: write it here, in comprehensions
+            current = None
+            family = families.get(id(definition))
+            if family is None:
+                family = families[id(definition)] = (definition, prefix + definition.name, definition.kind, [])
+            _, name, kind, lines = family
+            texts = _column_texts(cache, definition.labels, value.labels, column_texts)
+            used += len(texts)
+            if kind == "counter":
+                if texts:
+                    lines.append(_counter_column(cache, name, value, texts))
+            elif kind == "histogram":
+                lines.extend([_histogram(templates, name, text, h) for text, h in zip(texts, value.values)])
+            else:
+                lines.extend([f"{name}{{{text}}} {_number(v)}" for text, v in zip(texts, value.values)])
+            continue
+        if definition is not current:
+            current = definition
+            family = families.get(id(definition))
+            if family is None:
+                family = families[id(definition)] = (definition, prefix + definition.name, definition.kind, [])
+            _, name, kind, lines = family
+            labelled = bool(definition.labels or cache.static)
+            table = cache.table(definition.labels)
+        used += 1
+        if labelled:
+            if type(label_values) is not tuple:  # noqa: E721 - the cache key must be hashable
+                label_values = tuple(label_values)
+            text = table.get(label_values) or cache.add(table, definition.labels, label_values)
         else:
-            lines.append(f"{name}{{{labels}}} {_number(value)}" if labels else f"{name} {_number(value)}")
+            text = ""
+        if kind == "counter":
+            number = str(value) if type(value) is int else _number(value)  # noqa: E721
+            lines.append(f"{name}_total{{{text}}} {number}" if text else f"{name}_total {number}")
+        elif kind == "histogram":
+            lines.append(_histogram(templates, name, text, value))
+        else:
+            lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
+    cache.end_scrape(used)
     out = []
-    for definition, lines in families.items():
-        name = prefix + definition.name
-        header = name + "_total" if definition.kind == "counter" and not openmetrics else name
+    for definition, name, kind, lines in families.values():
+        header = name + "_total" if kind == "counter" and not openmetrics else name
         out.append(f"# HELP {header} {_escape_help(definition.help, openmetrics)}")
-        out.append(f"# TYPE {header} {definition.kind}")
+        out.append(f"# TYPE {header} {kind}")
         out.extend(lines)
     return "\n".join(out) + "\n" if out else ""

@@ -41,15 +41,17 @@ class TaskFlow:
     that ``increase()`` sees the first success/failure/retry of a task.
     """
 
-    __slots__ = ("received", "started", "succeeded", "retried", "revoked", "rejected", "failed",
+    __slots__ = ("labels", "received", "started", "succeeded", "retried", "revoked", "rejected", "failed",
                  "runtime", "queue_wait", "created")
 
-    def __init__(self, runtime_buckets: tuple, queue_wait_buckets: tuple, now: float):
+    def __init__(self, labels: tuple[str, str, str], runtime: Histogram, queue_wait: Histogram, now: float):
+        self.labels = labels  # (name, hostname, queue): made once, read at every scrape
         self.received = self.started = self.succeeded = 0
         self.retried = self.revoked = self.rejected = 0
         self.failed: dict[str, int] = {}
-        self.runtime = Histogram(runtime_buckets)
-        self.queue_wait = Histogram(queue_wait_buckets)
+        # Per flow, or shared by every worker's flow of a (name, queue): see task_histograms.
+        self.runtime = runtime
+        self.queue_wait = queue_wait
         self.created = now
 
 
@@ -135,6 +137,7 @@ class ClusterState:
         purge_offline_after: float = 600.0,
         runtime_buckets: tuple = (0.1, 1, 10),
         queue_wait_buckets: tuple = (0.1, 1, 10),
+        task_histograms_by_worker: bool = True,
         max_tracked_tasks: int = 100_000,
         stall_after: float = 300.0,
         lost_task_grace: float = 30.0,
@@ -151,6 +154,10 @@ class ClusterState:
         self.purge_offline_after = purge_offline_after
         self.runtime_buckets = tuple(runtime_buckets)
         self.queue_wait_buckets = tuple(queue_wait_buckets)
+        # Without hostname, the run-time and queue-wait histograms are one pair per
+        # (name, queue) that every worker's flow observes into: served instead of the flows'.
+        self.task_histograms: dict[tuple[str, str], tuple[Histogram, Histogram]] | None = (
+            None if task_histograms_by_worker else {})
         self.max_tracked_tasks = max_tracked_tasks
         self.utcoffset = local_utcoffset() if utcoffset is None else utcoffset
         self.started_at = time.time() if now is None else now
@@ -412,8 +419,28 @@ class ClusterState:
         key = (name, self._queue_for(record, name, worker.hostname))
         flow = worker.flows.get(key)
         if flow is None:
-            flow = worker.flows[key] = TaskFlow(self.runtime_buckets, self.queue_wait_buckets, now)
+            shared = self.task_histograms
+            if shared is None:
+                histograms = (Histogram(self.runtime_buckets), Histogram(self.queue_wait_buckets))
+            else:
+                histograms = shared.get(key)
+                if histograms is None:
+                    histograms = shared[key] = (Histogram(self.runtime_buckets), Histogram(self.queue_wait_buckets))
+            flow = worker.flows[key] = TaskFlow((key[0], worker.hostname, key[1]), *histograms, now)
         return flow, worker
+
+    def runtime_by_name(self) -> dict[str, tuple[int, float]]:
+        """(count, sum) of the run times of each task name, over every worker and queue."""
+        if self.task_histograms is not None:
+            histograms = ((name, pair[0]) for (name, _queue), pair in self.task_histograms.items())
+        else:
+            histograms = ((name, flow.runtime) for worker in self.workers.values()
+                          for (name, _queue), flow in worker.flows.items())
+        totals: dict[str, tuple[int, float]] = {}
+        for name, histogram in histograms:
+            count, total = totals.get(name, (0, 0.0))
+            totals[name] = (count + histogram.count, total + histogram.sum)
+        return totals
 
     def _on_task_sent(self, event: dict, now: float, ts: float) -> None:
         uuid = self._uuid(event)

@@ -16,6 +16,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.metrics import ScrapeContext, StateCollector
+from exporter.metrics.text import expand_columns
 from exporter.metrics.definitions import AREAS
 from exporter.state.events import MAX_LABEL_LENGTH, MalformedEvent, clean_label, decode_body
 from exporter.state.model import ClusterState
@@ -109,7 +110,7 @@ def counters(state: ClusterState) -> dict:
     for area in AREAS:
         if area.__name__ not in MONOTONIC_AREAS:
             continue
-        for definition, labels, value in area.collect(ctx):
+        for definition, labels, value in expand_columns(area.collect(ctx)):
             if definition.kind == "counter":
                 out[(definition.name, tuple(labels))] = value
             elif definition.kind == "histogram":

@@ -56,3 +56,70 @@ def test_direct_rendering_matches_prometheus_client(collector, openmetrics, enco
     assert len(families) >= 15 and sum(len(samples) for *_, samples in families) > 100
     # quotes and backslashes escaped (the model already turned the newline into "?")
     assert r'hostname="we\"ird\\host?name@h"' in ours
+
+
+def _run_tasks(state, hosts, names, now=T0):
+    for host in hosts:
+        state.apply({"type": "worker-heartbeat", "hostname": host, "timestamp": now, "utcoffset": 0, "freq": 2,
+                     "active": 0, "processed": 0, "pid": 10}, now)
+        for n, name in enumerate(names):
+            uuid = f"{host}-{name}"
+            base = {"uuid": uuid, "hostname": host, "timestamp": now, "utcoffset": 0}
+            state.apply({**base, "type": "task-received", "name": name}, now)
+            state.apply({**base, "type": "task-started", "timestamp": now + 1}, now + 1)
+            state.apply({**base, "type": "task-succeeded", "runtime": 0.5 + n, "timestamp": now + 2}, now + 2)
+
+
+def _families(text):
+    from prometheus_client.parser import text_string_to_metric_families
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_histograms_without_hostname_are_one_series_per_name_and_queue_over_all_workers():
+    per_worker = ClusterState(runtime_buckets=(1, 10), queue_wait_buckets=(1,), utcoffset=0, now=T0)
+    shared = ClusterState(runtime_buckets=(1, 10), queue_wait_buckets=(1,), utcoffset=0, now=T0,
+                          task_histograms_by_worker=False)
+    for state in (per_worker, shared):
+        _run_tasks(state, ["w1@h", "w2@h", "w3@h"], ["app.a", "app.b"])
+    families = _families(StateCollector(shared, []).render())
+
+    runtime = families["celery_task_runtime"].samples
+    counts = {s.labels["name"]: s.value for s in runtime if s.name == "celery_task_runtime_count"}
+    assert counts == {"app.a": 3, "app.b": 3}
+    assert all("hostname" not in s.labels for s in runtime)
+    assert {s.labels["queue_name"] for s in runtime} == {"unknown"}
+    assert {s.labels["name"] for s in families["celery_task_queue_wait_time"].samples} == {"app.a", "app.b"}
+    # the counters keep their hostname
+    succeeded = families["celery_task_succeeded"].samples
+    assert len(succeeded) == 6 and {s.labels["hostname"] for s in succeeded} == {"w1@h", "w2@h", "w3@h"}
+    # findings read the same run times in both modes (shared histograms are not summed once per worker)
+    assert shared.runtime_by_name() == per_worker.runtime_by_name() == {"app.a": (3, 1.5), "app.b": (3, 4.5)}
+
+    by_worker = _families(StateCollector(per_worker, []).render())["celery_task_runtime"].samples
+    assert len([s for s in by_worker if s.name.endswith("_count")]) == 6
+
+
+def test_label_cache_forgets_series_that_are_gone():
+    from exporter.metrics.text import LabelCache
+
+    cache = LabelCache({"cluster": "eu"})
+    for i in range(5000):
+        assert cache.get(("hostname",), (f"w{i}",)) == f'cluster="eu",hostname="w{i}"'
+    cache.end_scrape(used=5000)
+    assert cache._size == 5000  # everything was used in this scrape: kept
+    cache.get(("hostname",), ("w1",))
+    cache.end_scrape(used=1)
+    assert cache._size == 0  # the next scrape used one series of 5000: start over
+    assert cache.get(("hostname",), ('we"ird\n',)) == r'cluster="eu",hostname="we\"ird\n"'
+
+
+def test_counter_columns_survive_percent_signs_and_new_flows_between_scrapes():
+    state = ClusterState(runtime_buckets=(1,), queue_wait_buckets=(1,), utcoffset=0, now=T0)
+    _run_tasks(state, ["w1@h"], ["app.%d%s%%"])
+    collector = StateCollector(state, [])
+    first = _families(collector.render())["celery_task_succeeded"].samples
+    assert [(s.labels["name"], s.value) for s in first] == [("app.%d%s%%", 1)]
+    # same label sets, new values: the cached template is reused; a new flow rebuilds it
+    _run_tasks(state, ["w1@h", "w2@h"], ["app.%d%s%%"], now=T0 + 10)
+    again = _families(collector.render())["celery_task_succeeded"].samples
+    assert sorted((s.labels["hostname"], s.value) for s in again) == [("w1@h", 2), ("w2@h", 1)]
