@@ -3,8 +3,8 @@
 The hot part of a scrape: thousands of task flows times their histogram buckets.
 What makes it fast (benchmarks/scrape.py measures it):
 - a series' escaped label set is built once and kept between scrapes (``LabelCache``);
-- a histogram is one ``str.format`` call on a template made once per family and
-  bucket layout, with its cumulative counts from ``itertools.accumulate``;
+- a histogram is one join of its label text into segments made once per family
+  and bucket layout, and one %-format of its counts from ``itertools.accumulate``;
 - the task flows come as ``Column`` samples: one per family, all flows at once,
   their label texts looked up once for the six counters and two histograms.
 """
@@ -100,25 +100,31 @@ def expand_columns(samples):
             yield definition, label_values, value
 
 
-def _histogram_template(name: str, bounds: tuple, labelled: bool) -> str:
-    """``str.format`` template of one histogram series: {0} is the label set, then the
-    cumulative bucket counts ({len(bounds)+1} is +Inf and also _count), then _sum."""
-    sep = "{0}," if labelled else ""
-    around = "{{{0}}}" if labelled else ""
-    lines = [f'{name}_bucket{{{{{sep}le="{float(bound)!r}"}}}} {{{i}}}' for i, bound in enumerate(bounds, 1)]
-    total = len(bounds) + 1
-    lines.append(f'{name}_bucket{{{{{sep}le="+Inf"}}}} {{{total}}}')
-    lines.append(f"{name}_count{around} {{{total}}}")
-    lines.append(f"{name}_sum{around} {{{total + 1}}}")
-    return "\n".join(lines)
+def _histogram_segments(name: str, bounds: tuple, labelled: bool) -> list[str]:
+    """The text of one histogram series around its label text: ``labels.join(segments)``
+    is a %-template of the cumulative bucket counts, the +Inf count again (as _count)
+    and the sum. Joining and one %-format are C-level, about twice as fast as formatting
+    the 20 lines of a series one by one."""
+    if not labelled:
+        lines = [f'{name}_bucket{{le="{float(bound)!r}"}} %d' for bound in bounds]
+        lines += [f'{name}_bucket{{le="+Inf"}} %d', f"{name}_count %d", f"{name}_sum %s"]
+        return ["\n".join(lines)]
+    segments = [f"{name}_bucket{{"]
+    segments += [f',le="{float(bound)!r}"}} %d\n{name}_bucket{{' for bound in bounds]
+    segments += [f',le="+Inf"}} %d\n{name}_count{{', f"}} %d\n{name}_sum{{", "} %s"]
+    return segments
 
 
 def _histogram(templates: dict, name: str, labels: str, histogram) -> str:
     key = (name, histogram.bounds, bool(labels))
-    template = templates.get(key)
-    if template is None:
-        template = templates[key] = _histogram_template(name, histogram.bounds, bool(labels))
-    return template.format(labels, *accumulate(histogram.counts), _number(histogram.sum))
+    segments = templates.get(key)
+    if segments is None:
+        segments = templates[key] = _histogram_segments(name, histogram.bounds, bool(labels))
+    counts = list(accumulate(histogram.counts))
+    counts += (counts[-1], _number(histogram.sum))
+    if "%" in labels:  # the label text becomes part of the template
+        labels = labels.replace("%", "%%")
+    return labels.join(segments) % tuple(counts)
 
 
 def _counter_column(cache: "LabelCache", name: str, column: Column, texts: list) -> str:
