@@ -16,8 +16,12 @@ RECONNECTS = counter("exporter_broker_reconnects", "Times the events source reco
                      "losing it.")
 TRACKED = gauge("exporter_tracked_tasks", "Tasks in the in-flight table (bounded by --max-tracked-tasks).")
 EVICTED = counter("exporter_tracked_tasks_evicted", "In-flight tasks dropped from the table because it was full.")
+VANISHED = counter("exporter_tracked_tasks_vanished", "Started tasks dropped from the in-flight table because their "
+                   "worker's `inspect active` no longer listed them and no terminal event came although the "
+                   "worker's later events did: the event was lost (or went to another sharded replica).",
+                   source="inspect")
 
-DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED)
+DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED, VANISHED)
 
 
 def collect(ctx):
@@ -29,6 +33,8 @@ def collect(ctx):
     yield EVENT_LAG, (), state.event_lag
     yield TRACKED, (), state.tracked_tasks
     yield EVICTED, (), state.tracked_evicted
+    if any(source.name == "inspect" for source in ctx.sources):
+        yield VANISHED, (), state.tracked_vanished
     for source in ctx.sources:
         health = source.health
         yield SOURCE_UP, (source.name,), 1 if health.up else 0

@@ -69,7 +69,10 @@ class InspectSource(Source):
 
     def poll(self, connection) -> None:
         now = time.time()
-        replies = {command: self._ask(connection, command) for command in COMMANDS}
+        replies, asked_at = {}, {}
+        for command in COMMANDS:
+            asked_at[command] = time.time()
+            replies[command] = self._ask(connection, command)
         for host, conf in replies["conf"].items():
             if isinstance(conf, dict):
                 (self._hooked.add if conf.get(HOOK_CONF_KEY) else self._hooked.discard)(host)
@@ -93,6 +96,10 @@ class InspectSource(Source):
                 state.apply_conf(hostname, conf)
             for hostname, active in replies["active"].items():
                 state.apply_active_reserved(hostname, active, replies["reserved"].get(hostname))
+            state.apply_active_ids(
+                {hostname: {r.get("id") for r in active if isinstance(r, dict)}
+                 for hostname, active in replies["active"].items() if isinstance(active, list)},
+                asked_at["active"], settle=self.config.inspect_timeout + 2.0)
             for hostname, reply in hook_replies.items():
                 state.apply_hook(hostname, reply, now)
             for hostname, ids in revoked.items():

@@ -62,13 +62,16 @@ class WorkerState:
                  "pool_processes", "max_concurrency", "prefetch_count", "max_tasks_per_child",
                  "max_memory_per_child", "limits_from_hook", "child_pids", "child_pids_of", "child_replacements",
                  "child_tasks", "child_peak_rss", "hook_snapshot", "revoked", "revoked_limit", "revoked_at",
-                 "inspect_prefetched", "inspect_oldest_start")
+                 "inspect_prefetched", "inspect_oldest_start", "last_event_ts", "vanish_check")
 
     def __init__(self, hostname: str, now: float):
         self.hostname = hostname
         self.up = False
         self.online = False  # False after worker-offline, until it comes back
         self.last_heartbeat: float | None = None  # local wall time of the last worker event
+        self.last_event_ts: float | None = None  # the same event's own timestamp (the worker's clock)
+        # (deadline, uuids): started tasks `inspect active` did not list; see ClusterState.apply_active_ids
+        self.vanish_check: tuple[float, frozenset] | None = None
         self.freq = 2.0
         self.active: int | None = None
         self.processed: int | None = None
@@ -166,6 +169,7 @@ class ClusterState:
         self.sent: dict[tuple[str, str], int] = {}
         self.tasks: OrderedDict[str, TaskRecord] = OrderedDict()
         self.tracked_evicted = 0
+        self.tracked_vanished = 0
         # Events of one task can arrive out of order (workers batch them): a late
         # task-retried after the retry's own task-succeeded still finds its name here.
         self.finished: OrderedDict[str, TaskRecord] = OrderedDict()
@@ -254,6 +258,9 @@ class ClusterState:
         if kind == "worker-online":
             worker.start_time = ts
         worker.last_heartbeat = now
+        worker.last_event_ts = ts
+        if worker.vanish_check is not None and ts > worker.vanish_check[0]:
+            self._vanish(worker)
         worker.online = True
         worker.up = True
         worker.down_since = None
@@ -606,6 +613,47 @@ class ClusterState:
             starts = [r["time_start"] for r in active
                       if isinstance(r, dict) and isinstance(r.get("time_start"), (int, float))]
             worker.inspect_oldest_start = min(starts) if starts else None
+
+    def apply_active_ids(self, listed: dict[str, set], asked_at: float, settle: float) -> None:
+        """Reconcile the in-flight table with ``inspect active`` (task ids per worker
+        that replied; the broadcast was sent at ``asked_at``, our clock).
+
+        A started task its worker no longer runs has finished; its terminal event is
+        either on its way or lost (a cut subscription, a message RabbitMQ dropped, a
+        sharded replica that got it). A worker publishes its events in order, so once
+        one of its heartbeats sent ``settle`` seconds after the question has been
+        applied, a terminal event sent before the answer would have been applied too:
+        the tasks still "started" then are ghosts. Left alone they would age forever
+        in celery_worker_oldest_active_task_age_seconds and look like a stalled worker."""
+        missing: dict[str, set] = {hostname: set() for hostname in listed}
+        workers = self.workers
+        for uuid, record in self.tasks.items():
+            ids = listed.get(record.hostname)
+            if ids is None or record.state != "STARTED" or uuid in ids:
+                continue
+            worker = workers.get(record.hostname)
+            if worker is not None and worker.epoch == record.epoch and (record.started_local or 0) < asked_at:
+                missing[record.hostname].add(uuid)
+        for hostname, uuids in missing.items():
+            worker = workers.get(hostname)
+            if worker is not None:
+                worker.vanish_check = (asked_at + settle, frozenset(uuids)) if uuids else None
+
+    def _vanish(self, worker: WorkerState) -> None:
+        _deadline, uuids = worker.vanish_check
+        worker.vanish_check = None
+        for uuid in uuids:
+            record = self.tasks.get(uuid)
+            if record is None or record.state != "STARTED" or record.hostname != worker.hostname \
+                    or record.epoch != worker.epoch:
+                continue  # finished, moved or lost meanwhile
+            del self.tasks[uuid]
+            self._leave_started(record)
+            record.state = "FINISHED"
+            self.finished[uuid] = record  # a terminal event that still comes keeps the task's name
+            if len(self.finished) > self.max_finished:
+                self.finished.popitem(last=False)
+            self.tracked_vanished += 1
 
     def apply_revoked_count(self, hostname: str, count: int, limit: int | None, now: float) -> None:
         worker = self.workers.get(hostname)

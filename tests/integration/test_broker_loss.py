@@ -51,3 +51,39 @@ def test_exporter_survives_broker_loss_and_keeps_counting(broker, make_exporter,
         assert exporter.log().count("events: down") == 1  # logged once per outage, not per retry
     finally:
         proxy.close()
+
+
+def test_a_task_whose_terminal_event_was_lost_stops_counting_as_running(make_exporter, make_worker):
+    """Redis keeps nothing for an absent subscriber: a task that finishes during an outage
+    leaves a "started" record behind, which would age forever and look like a hung task.
+    `inspect active` no longer lists it, so it goes once the worker's later events arrive."""
+    import time
+
+    from tests.harness import make_redis_broker
+
+    broker = make_redis_broker()
+    parts = urlsplit(broker.url)
+    proxy = TcpProxy(parts.hostname, parts.port)
+    try:
+        queue = f"q-{uuid.uuid4().hex[:6]}"
+        exporter = make_exporter(through(proxy, broker.url), "--inspect-interval", "1")
+        worker = make_worker(broker.url, "ghost", queues=queue)
+        wait_for(lambda: exporter.scrape().value("celery_worker_up", hostname=worker.hostname) == 1, 30,
+                 message="worker up")
+        labels = dict(name="tests.sleep", hostname=worker.hostname, queue_name=queue)
+        client(broker.url).send_task("tests.sleep", (3,), queue=queue)
+        wait_for(lambda: exporter.scrape().value("celery_task_started_total", **labels) == 1, 30,
+                 message="task started")
+        assert exporter.scrape().value("celery_exporter_tracked_tasks") == 1
+
+        proxy.cut()
+        time.sleep(5)  # the task finishes meanwhile; its task-succeeded is published to nobody
+        proxy.restore()
+        m = wait_for(lambda: (lambda m: m.value("celery_exporter_tracked_tasks_vanished_total") == 1 and m)(
+            exporter.scrape()), 30, message="the ghost dropped")
+        assert m.value("celery_exporter_tracked_tasks") == 0
+        assert m.value("celery_worker_stalled", hostname=worker.hostname) == 0
+        assert m.value("celery_task_succeeded_total", **labels) == 0  # lost, and not made up
+        assert m.value("celery_worker_oldest_active_task_age_seconds", hostname=worker.hostname) in (None, 0)
+    finally:
+        proxy.close()

@@ -6,15 +6,9 @@ from exporter.state.model import ClusterState
 from exporter.state.publishers import EVENT_TYPE
 from exporter.state.queues import QueuesSnapshot, QueueStats
 
-T0 = 1_700_000_000.0
-W, W2 = "w1@h", "w2@h"
+from .events import T0, W, ev
 
-
-def ev(kind, **fields):
-    fields.setdefault("timestamp", T0)
-    fields.setdefault("utcoffset", 0)
-    fields.setdefault("hostname", W)
-    return {"type": kind, **fields}
+W2 = "w2@h"
 
 
 @pytest.fixture

@@ -3,15 +3,7 @@ import pytest
 
 from exporter.state.model import ClusterState
 
-T0 = 1_700_000_000.0
-W = "w1@h"
-
-
-def ev(kind, **fields):
-    fields.setdefault("timestamp", T0)
-    fields.setdefault("utcoffset", 0)
-    fields.setdefault("hostname", W)
-    return {"type": kind, **fields}
+from .events import T0, W, ev
 
 
 @pytest.fixture
@@ -200,3 +192,56 @@ def test_cardinality_caps_fold_workers_names_queues_and_exceptions_into_other():
     assert failed == {"E0", "other"}
     assert state.cardinality.hostname.folded == 3 * 48  # heartbeat, received, failed of each folded worker
     assert sum(f.received for w in state.workers.values() for f in w.flows.values()) == 50  # nothing lost
+
+
+# ---------------------------------------------------------- ghosts of lost terminal events
+
+def started(state, uuid, name, now, hostname=W):
+    state.apply(ev("task-received", uuid=uuid, name=name, hostname=hostname, timestamp=now), now)
+    state.apply(ev("task-started", uuid=uuid, hostname=hostname, timestamp=now), now)
+
+
+def beat(state, now, hostname=W):
+    state.apply(ev("worker-heartbeat", pid=1, freq=2, active=0, processed=0, hostname=hostname, timestamp=now), now)
+
+
+def test_a_started_task_its_worker_no_longer_runs_vanishes_once_later_events_arrived(state):
+    beat(state, T0)
+    started(state, "ghost", "app.slow", T0 + 1)
+    started(state, "running", "app.slow", T0 + 1)
+    assert state.in_flight()[1][W] == T0 + 1
+    # inspect active at T0+20 lists only "running"; the ghost's task-succeeded was lost
+    state.apply_active_ids({W: {"running"}}, asked_at=T0 + 20, settle=3)
+    beat(state, T0 + 22)  # sent before the answer could have been flushed: not yet
+    assert "ghost" in state.tasks and state.tracked_vanished == 0
+    beat(state, T0 + 24)
+    assert "ghost" not in state.tasks and "running" in state.tasks
+    assert state.tracked_vanished == 1 and state.workers[W].running == 1
+    # the terminal event still comes (it was only late): counted once, with its name
+    state.apply(ev("task-succeeded", uuid="ghost", runtime=2.0, timestamp=T0 + 3), T0 + 30)
+    assert state.workers[W].flows[("app.slow", "unknown")].succeeded == 1
+
+
+def test_tasks_listed_started_after_the_question_or_finished_in_time_stay_counted_once(state):
+    beat(state, T0)
+    started(state, "listed", "app.a", T0 + 1)
+    started(state, "finishing", "app.a", T0 + 1)
+    state.apply_active_ids({W: {"listed"}}, asked_at=T0 + 20, settle=3)
+    started(state, "newer", "app.a", T0 + 21)  # started after the question: not in its answer
+    state.apply(ev("task-succeeded", uuid="finishing", runtime=1.0, timestamp=T0 + 21), T0 + 21)
+    beat(state, T0 + 30)
+    assert set(state.tasks) == {"listed", "newer"}
+    assert state.tracked_vanished == 0
+    assert state.workers[W].flows[("app.a", "unknown")].succeeded == 1
+
+
+def test_workers_that_did_not_answer_keep_their_tasks(state):
+    other = "w2@h"
+    beat(state, T0)
+    beat(state, T0, hostname=other)
+    started(state, "mine", "app.a", T0 + 1)
+    started(state, "theirs", "app.a", T0 + 1, hostname=other)
+    state.apply_active_ids({W: set()}, asked_at=T0 + 20, settle=3)
+    beat(state, T0 + 30)
+    beat(state, T0 + 30, hostname=other)
+    assert set(state.tasks) == {"theirs"} and state.tracked_vanished == 1
