@@ -242,10 +242,11 @@ class Drain(Consumer):
 
 class Ours(Consumer):
     name = "ours"
+    extra_flags: list[str] = []  # --exporter-flag
 
     def command(self):
         return [sys.executable, "-m", "exporter", "--broker-url", self.broker.url,
-                "--listen-address", f"127.0.0.1:{self.port}", "--log-level", "WARNING"]
+                "--listen-address", f"127.0.0.1:{self.port}", "--log-level", "WARNING", *self.extra_flags]
 
     def counts(self) -> dict:
         status = super().counts()
@@ -368,9 +369,12 @@ def main(argv=None):
     p.add_argument("--redis-rate", type=float, default=10000.0,
                    help="storm events/s on Redis; 0 = full speed (~100k/s: Redis then drops kombu consumers, "
                         "the drain included)")
+    p.add_argument("--exporter-flag", action="append", default=[],
+                   help="extra flag for this exporter, e.g. --exporter-flag=--event-backlog-max-mb=64")
     p.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for a consumer to catch up")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    Ours.extra_flags = [part for flag in args.exporter_flag for part in flag.split("=", 1)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -86,6 +86,10 @@ OPTIONS = [
      "nothing).", "value"),
     ("--event-queue-max-length", "1000000", "Most events RabbitMQ buffers for us; older ones are dropped first.",
      "value"),
+    ("--event-backlog-max-mb", "512", "Redis: MiB of event messages read ahead of their processing at most. A "
+     "burst waits in the exporter's memory instead of Redis's output buffer (which drops a subscriber past "
+     "client-output-buffer-limit pubsub); past this bound the reader pauses and Redis's limit applies again. "
+     "Size it to the container's memory limit.", "value"),
     ("--shard-task-events", "", "RabbitMQ only: take task events from the shared queue NAME that several "
      "replicas consume (competing consumers; sum their counters); worker events still come to each replica's own "
      "queue. See docs/scaling.md for what a sharded replica can and cannot report.", "value"),
@@ -166,6 +170,13 @@ def _number(raw: str, flag: str, kind=float):
         raise ConfigError(flag, f"expected a {'whole ' if kind is int else ''}number, got {raw!r}") from None
 
 
+def _backlog_bytes(raw: str) -> int:
+    megabytes = _number(raw, "--event-backlog-max-mb")
+    if not 1 <= megabytes <= 1 << 20:
+        raise ConfigError("--event-backlog-max-mb", f"expected 1 to 1048576 (MiB), got {raw!r}")
+    return int(megabytes * (1 << 20))
+
+
 def _shard_queue(name: str, broker_url: str) -> str:
     name = (name or "").strip()
     if name and not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,200}", name):
@@ -229,6 +240,7 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
         event_queue_ttl=seconds("--event-queue-ttl"),
         event_queue_expires=seconds("--event-queue-expires"),
         event_queue_max_length=_number(raw["--event-queue-max-length"], "--event-queue-max-length", int),
+        event_backlog_max_bytes=_backlog_bytes(raw["--event-backlog-max-mb"]),
         shard_task_events=_shard_queue(raw["--shard-task-events"], raw["--broker-url"]),
         log_level=log_level,
         log_format=raw["--log-format"],

@@ -49,6 +49,7 @@ class Config:
     event_queue_ttl: float = 120.0
     event_queue_expires: float = 300.0
     event_queue_max_length: int = 1_000_000
+    event_backlog_max_bytes: int = 512 << 20
     shard_task_events: str = ""  # RabbitMQ: shared task-event queue of sharded replicas
     no_task_events_hint_after: float = 60.0
     log_level: str = "INFO"

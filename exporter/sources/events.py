@@ -50,7 +50,6 @@ DRAIN_TIMEOUT = 0.5
 READ_CHUNK = 1 << 20
 TAKE_LIMIT = 4 << 20  # bytes the events thread parses at a time
 SOCKET_RCVBUF = 4 << 20
-REDIS_BACKLOG_LIMIT = 512 << 20  # bytes read ahead at most; past it Redis buffers, then drops us (counted)
 REDIS_PING_INTERVAL = 10.0
 REDIS_SILENCE_LIMIT = 35.0  # no byte at all (not even our PING's reply) for this long = a dead connection
 SHARD_PREFETCH = 2000
@@ -249,7 +248,7 @@ class EventsSource(Source):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
         except OSError:
             pass
-        reader = RedisReader(sock, self.ingest, lambda: self.stopping)
+        reader = RedisReader(sock, self.ingest, lambda: self.stopping, self.config.event_backlog_max_bytes)
         reader.start()
         try:
             self._started(connection, backoff)
@@ -446,11 +445,13 @@ class RedisReader(threading.Thread):
 
     Redis disconnects a subscriber whose output buffer passes its limit (32 MB
     by default): reading ahead moves that buffer into this process, bounded by
-    ``REDIS_BACKLOG_LIMIT``; past it the reader pauses and Redis's limit applies.
+    ``backlog_limit`` bytes (--event-backlog-max-mb); past it the reader pauses and
+    Redis's limit applies.
     """
 
-    def __init__(self, sock, ingest: IngestStats, stopping):
+    def __init__(self, sock, ingest: IngestStats, stopping, backlog_limit: int = 512 << 20):
         super().__init__(name="events-redis-reader", daemon=True)
+        self.backlog_limit = backlog_limit
         self.sock = sock
         self.ingest = ingest
         self.stopping = stopping
@@ -466,7 +467,7 @@ class RedisReader(threading.Thread):
         try:
             sock.settimeout(1.0)
             while not self._halt and not self.stopping():
-                if self.ingest.backlog_bytes > REDIS_BACKLOG_LIMIT:
+                if self.ingest.backlog_bytes > self.backlog_limit:
                     time.sleep(0.05)
                     continue
                 if self._outgoing:  # sent from this thread: TLS sockets must not read and write concurrently

@@ -28,6 +28,8 @@ URL = "amqp://user:s3cret@rabbit:5672/vh"
     (["--broker-url", URL, "--log-format", "xml"], "--log-format"),
     (["--broker-url", URL, "--metric-prefix", "9bad"], "--metric-prefix"),
     (["--broker-url", URL, "--rabbitmq-management-url", "ftp://x"], "--rabbitmq-management-url"),
+    (["--broker-url", URL, "--event-backlog-max-mb", "0"], "--event-backlog-max-mb"),
+    (["--broker-url", URL, "--event-backlog-max-mb", "lots"], "--event-backlog-max-mb"),
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_exit_2(argv, flag, capsys, monkeypatch):
     monkeypatch.delenv("CELERY_BROKER_URL", raising=False)

@@ -459,3 +459,25 @@ def test_reader_thread_reads_ahead_and_stops_quickly():
     reader.stop()
     assert not reader.is_alive() and time.monotonic() - started < 2
     assert sock.sent == b"*1\r\n$4\r\nPING\r\n"
+
+
+def test_reader_pauses_at_its_backlog_limit_and_resumes_when_it_is_taken():
+    chunks = [pmessage(b"x" * 1000) for _ in range(50)]
+    sock = ChunkSocket(list(chunks))
+    ingest = IngestStats()
+    reader = RedisReader(sock, ingest, lambda: False, backlog_limit=5000)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ingest.backlog_bytes <= 5000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # had it not paused, it would read everything meanwhile
+        held = ingest.backlog_bytes
+        assert 5000 < held <= 5000 + READ_CHUNK and sock.chunks, held
+        parser, out = PubSubParser(), []
+        deadline = time.monotonic() + 5
+        while len(out) < 50 and time.monotonic() < deadline:
+            out += parser.feed(reader.take(0.1))
+        assert len(out) == 50 and ingest.backlog_bytes == 0
+    finally:
+        reader.stop()
