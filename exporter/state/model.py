@@ -28,10 +28,11 @@ HOOK_REASONS = ("memory", "tasks", "signal", "error")
 
 
 def local_utcoffset() -> float:
-    """This host's offset to UTC in hours, as Celery computes it for its events."""
-    t = time.localtime()
-    seconds_west = time.altzone if (time.daylight and t.tm_isdst > 0) else time.timezone
-    return -seconds_west / 3600
+    """This host's offset to UTC in hours, as Celery computes it for its events
+    (``celery.utils.time.utcoffset``): hours WEST of UTC, so Berlin is -1 or -2.
+    Both ends must use the same sign, or every timestamp is off by twice the offset."""
+    seconds_west = time.altzone if time.localtime().tm_isdst else time.timezone
+    return seconds_west / 3600
 
 
 class TaskFlow:

@@ -125,7 +125,8 @@ def test_wrong_types_in_fields_are_ignored_not_trusted(state):
 
 
 def test_event_lag_is_corrected_with_the_senders_utcoffset(state):
-    # A sender 2 hours east whose timestamp reads 2 h ahead (Celery's convention).
+    # A sender whose utcoffset says 2 hours west of us (Celery's sign): adjust_timestamp
+    # takes 2 h off its timestamp.
     state.apply(ev("worker-heartbeat", hostname="w1@h", utcoffset=2, timestamp=T0 + 7200 - 3), T0)
     assert state.event_lag.count == 1 and state.event_lag.sum == pytest.approx(3.0)
 
@@ -143,3 +144,24 @@ def test_histogram_buckets_are_cumulative_and_inclusive():
         h.observe(v)
     assert h.cumulative() == [("1.0", 2), ("5.0", 3), ("+Inf", 4)]
     assert h.count == 4 and h.sum == pytest.approx(11.5)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"])
+def test_local_utcoffset_has_celerys_sign_so_same_zone_events_need_no_correction(zone, monkeypatch):
+    import time
+
+    from celery.utils.time import utcoffset
+
+    from exporter.state.events import adjusted_timestamp
+    from exporter.state.model import local_utcoffset
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        assert local_utcoffset() == utcoffset()
+        # a worker in the same zone: its timestamp is used as it is
+        event = {"timestamp": T0, "utcoffset": utcoffset()}
+        assert adjusted_timestamp(event, local_utcoffset()) == T0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
