@@ -321,7 +321,7 @@ class EventsSource(Source):
                     stats = management_queue(self._management, name)
                     if stats is not None:
                         with self.state.lock:  # a scrape reads ingest.lost_messages under it
-                            self.ingest.observe_queue_drops(role, stats)
+                            self.ingest.observe_queue_drops(role, *stats)
         except Exception as exc:  # the management API is optional: never disturb consuming
             self.log.debug("queue statistics unavailable: %s", describe_error(exc))
 
@@ -330,8 +330,12 @@ class EventsSource(Source):
         return self._no_events_hint_logged
 
 
-def management_queue(access, queue: str, timeout: float = 2.0) -> int | None:
-    """published - delivered - queued for one queue, or None when the API does not say."""
+def management_queue(access, queue: str, timeout: float = 2.0) -> tuple[int, int] | None:
+    """(published, dropped) of one queue from its management API counters, or None when
+    the API does not say. Every message published into the queue is still in it (ready
+    or delivered and unacked), or was acked, or was delivered without ack; the rest was
+    dropped (TTL, max length). Unacked deliveries of the acked shared queue must not
+    count as dropped, nor redeliveries twice, hence not simply publish - deliver_get."""
     # No `columns=` here: on the single-queue endpoint RabbitMQ 3.10 answers it with [].
     quote = urllib.parse.quote
     url = f"{access.api_base}/api/queues/{quote(access.vhost, safe='')}/{quote(queue, safe='')}"
@@ -344,8 +348,9 @@ def management_queue(access, queue: str, timeout: float = 2.0) -> int | None:
     stats = info.get("message_stats") or {}
     if "publish" not in stats:
         return None
-    delivered = stats.get("deliver_get", 0)
-    return int(stats["publish"] - delivered - (info.get("messages") or 0))
+    settled = stats.get("ack", 0) + stats.get("deliver_no_ack", 0) + stats.get("get_no_ack", 0)
+    published = int(stats["publish"])
+    return published, int(published - settled - (info.get("messages") or 0))
 
 
 # ---------------------------------------------------------------------------

@@ -25,26 +25,28 @@ class IngestStats:
     shard_queue: str = ""
     # last raw estimate per queue role, to credit a loss only once it is stable
     _pending: dict = field(default_factory=dict)
-    # last figure two snapshots agreed on, and what earlier lives of the queue lost
+    # per role: the queue's publish counter, the figure two snapshots agreed on in
+    # this life of the queue, and what its earlier lives lost
+    _published: dict = field(default_factory=dict)
     _agreed: dict = field(default_factory=dict)
     _earlier: dict = field(default_factory=dict)
 
-    def observe_queue_drops(self, role: str, dropped: int) -> None:
-        """``dropped`` = published - delivered - still queued, from one stats
-        snapshot of the broker. Credited when two snapshots agree (the broker's
-        statistics lag behind by a few seconds), never going backwards.
+    def observe_queue_drops(self, role: str, published: int, dropped: int) -> None:
+        """One stats snapshot of a queue: its ``published`` counter and the messages it
+        ``dropped`` (see sources.events.management_queue). Credited when two snapshots
+        agree (the broker's statistics lag behind by a few seconds), never going backwards.
 
-        Within one life of the queue the figure only grows. When two snapshots agree
-        on less than before, the queue was deleted (``--event-queue-expires``) and
-        declared again, and the broker's counters started from zero: what the
-        earlier life lost is kept and the new drops are added to it."""
+        When the publish counter goes down, the queue was deleted
+        (``--event-queue-expires``) and declared again and the broker counts from zero:
+        what the earlier life lost is kept and the new drops are added to it."""
+        if published < self._published.get(role, 0):
+            self._earlier[role] = self._earlier.get(role, 0) + self._agreed.pop(role, 0)
+            self._pending.pop(role, None)
+        self._published[role] = published
         dropped = max(0, dropped)
         if self._pending.get(role) == dropped:
-            before = self._agreed.get(role, 0)
-            if dropped < before:
-                self._earlier[role] = self._earlier.get(role, 0) + before
-            self._agreed[role] = dropped
-            total = self._earlier.get(role, 0) + dropped
+            self._agreed[role] = max(self._agreed.get(role, 0), dropped)
+            total = self._earlier.get(role, 0) + self._agreed[role]
             if total > 0:
                 key = f"queue_dropped_{role}"
                 self.lost_messages[key] = max(self.lost_messages.get(key, 0), total)

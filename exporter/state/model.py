@@ -63,7 +63,7 @@ class WorkerState:
                  "pool_processes", "max_concurrency", "prefetch_count", "max_tasks_per_child",
                  "max_memory_per_child", "limits_from_hook", "child_pids", "child_pids_of", "child_replacements",
                  "child_tasks", "child_peak_rss", "hook_snapshot", "revoked", "revoked_limit", "revoked_at",
-                 "inspect_prefetched", "inspect_oldest_start", "last_event_ts", "vanish_check")
+                 "inspect_prefetched", "inspect_oldest_start", "last_event_ts", "vanish_check", "vanish_due")
 
     def __init__(self, hostname: str, now: float):
         self.hostname = hostname
@@ -71,8 +71,10 @@ class WorkerState:
         self.online = False  # False after worker-offline, until it comes back
         self.last_heartbeat: float | None = None  # local wall time of the last worker event
         self.last_event_ts: float | None = None  # the same event's own timestamp (the worker's clock)
-        # (deadline, uuids): started tasks `inspect active` did not list; see ClusterState.apply_active_ids
-        self.vanish_check: tuple[float, frozenset] | None = None
+        # started tasks `inspect active` did not list: uuid -> (deadline, record, its start); see
+        # ClusterState.apply_active_ids. vanish_due: the earliest deadline, checked at every heartbeat.
+        self.vanish_check: dict[str, tuple[float, TaskRecord, float | None]] = {}
+        self.vanish_due: float | None = None
         self.freq = 2.0
         self.active: int | None = None
         self.processed: int | None = None
@@ -260,8 +262,8 @@ class ClusterState:
             worker.start_time = ts
         worker.last_heartbeat = now
         worker.last_event_ts = ts
-        if worker.vanish_check is not None and ts > worker.vanish_check[0]:
-            self._vanish(worker)
+        if worker.vanish_due is not None and ts > worker.vanish_due:
+            self._vanish(worker, ts)
         worker.online = True
         worker.up = True
         worker.down_since = None
@@ -637,17 +639,28 @@ class ClusterState:
                 missing[record.hostname].add(uuid)
         for hostname, uuids in missing.items():
             worker = workers.get(hostname)
-            if worker is not None:
-                worker.vanish_check = (asked_at + settle, frozenset(uuids)) if uuids else None
+            if worker is None:
+                continue
+            # A task missing from several answers keeps its first deadline: while the
+            # exporter lags, a heartbeat past a deadline renewed at every poll would never come.
+            before = worker.vanish_check
+            worker.vanish_check = {
+                uuid: before[uuid] if uuid in before and before[uuid][1] is self.tasks[uuid]
+                else (asked_at + settle, self.tasks[uuid], self.tasks[uuid].started_local)
+                for uuid in uuids}
+            worker.vanish_due = min((due for due, _, _ in worker.vanish_check.values()), default=None)
 
-    def _vanish(self, worker: WorkerState) -> None:
-        _deadline, uuids = worker.vanish_check
-        worker.vanish_check = None
-        for uuid in uuids:
+    def _vanish(self, worker: WorkerState, ts: float) -> None:
+        """Drop the flagged tasks whose deadline the worker's event at ``ts`` has passed."""
+        waiting = {}
+        for uuid, (due, flagged, started_local) in worker.vanish_check.items():
             record = self.tasks.get(uuid)
-            if record is None or record.state != "STARTED" or record.hostname != worker.hostname \
+            if record is not flagged or record.state != "STARTED" or record.started_local != started_local \
                     or record.epoch != worker.epoch:
-                continue  # finished, moved or lost meanwhile
+                continue  # finished, lost, or started again (a retry of the same id) meanwhile
+            if due >= ts:
+                waiting[uuid] = (due, flagged, started_local)
+                continue
             del self.tasks[uuid]
             self._leave_started(record)
             record.state = "FINISHED"
@@ -655,6 +668,8 @@ class ClusterState:
             if len(self.finished) > self.max_finished:
                 self.finished.popitem(last=False)
             self.tracked_vanished += 1
+        worker.vanish_check = waiting
+        worker.vanish_due = min((due for due, _, _ in waiting.values()), default=None)
 
     def apply_revoked_count(self, hostname: str, count: int, limit: int | None, now: float) -> None:
         worker = self.workers.get(hostname)

@@ -245,3 +245,26 @@ def test_workers_that_did_not_answer_keep_their_tasks(state):
     beat(state, T0 + 30)
     beat(state, T0 + 30, hostname=other)
     assert set(state.tasks) == {"theirs"} and state.tracked_vanished == 1
+
+
+def test_a_retry_of_the_same_task_id_started_after_the_question_is_not_dropped(state):
+    beat(state, T0)
+    started(state, "x", "app.flaky", T0 + 1)
+    state.apply_active_ids({W: set()}, asked_at=T0 + 20, settle=3)  # x had failed and asked for a retry...
+    state.apply(ev("task-retried", uuid="x", exception="IOError()", timestamp=T0 + 19), T0 + 20)
+    started(state, "x", "app.flaky", T0 + 21)  # ...which runs now, with the same id
+    beat(state, T0 + 30)
+    assert state.tasks["x"].state == "STARTED" and state.tracked_vanished == 0
+    assert state.workers[W].running == 1
+
+
+def test_while_the_exporter_lags_a_ghost_keeps_its_first_deadline(state):
+    beat(state, T0)
+    started(state, "ghost", "app.slow", T0 + 1)
+    # polls every 10 s; the exporter applies the worker's events 30 s late, so the
+    # heartbeats it sees are always older than the latest poll's deadline
+    for poll in range(5):
+        asked = T0 + 20 + 10 * poll
+        state.apply_active_ids({W: set()}, asked_at=asked, settle=3)
+        beat(state, asked - 30 + 8, hostname=W)
+    assert "ghost" not in state.tasks and state.tracked_vanished == 1
