@@ -165,9 +165,16 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 def parse_static_labels(items: list[str]) -> dict:
     labels = parse_key_values(items, "--static-label", json_values=False)
+    from .metrics.definitions import all_definitions  # here: the metric modules import this one's users
+
+    # A static label that a metric also has would appear twice in its series, and
+    # Prometheus rejects the whole scrape for that.
+    taken = {"le", "quantile"} | {name for d in all_definitions() for name in d.labels}
     for key in labels:
         if not _LABEL_NAME.match(key) or key.startswith("__"):
             raise ConfigError("--static-label", f"{key!r} is not a valid Prometheus label name")
+        if key in taken:
+            raise ConfigError("--static-label", f"{key!r} is a label of the exporter's own metrics")
     return labels
 
 

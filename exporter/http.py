@@ -13,6 +13,19 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """``gzip`` (or ``*``) listed without ``q=0``."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip() in ("gzip", "*"):
+            q = params.strip().removeprefix("q=")
+            try:
+                return not params.strip() or float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
 async def metrics(request: web.Request) -> web.Response:
     exporter = request.app["exporter"]
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
@@ -20,7 +33,7 @@ async def metrics(request: web.Request) -> web.Response:
     # The state's families are written directly (fast); the process_* ones by
     # prometheus_client, whose OpenMetrics output ends with the one "# EOF".
     # Rendered in a thread, so that probes are answered while a large scrape is written.
-    gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+    gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
 
     def render() -> bytes:
         body = exporter.collector.render(openmetrics).encode() + encoder(exporter.registry)

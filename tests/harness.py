@@ -118,21 +118,35 @@ def _lease_redis_db(client) -> int:
             if client.set(key, me, nx=True, ex=LEASE_SECONDS):
                 return db
             owner = (client.get(key) or b"").decode()
-            if owner == me or _dead_here(owner):
-                client.set(key, me, ex=LEASE_SECONDS)
+            if owner == me or (_dead_here(owner) and _take_over(client, key, owner, me)):
+                client.expire(key, LEASE_SECONDS)
                 return db
         if time.monotonic() > deadline:
             raise RuntimeError("every Redis test database (1-13) is leased by other pytest processes")
         time.sleep(1)
 
 
+def _take_over(client, key: str, owner: str, me: str) -> bool:
+    """Atomically: the lease becomes ours only if it still is the dead owner's."""
+    script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2]) end"
+    return client.eval(script, 1, key, owner, me) is not None
+
+
+def _release(client, key: str) -> None:
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end",
+                1, key, me)
+
+
 def make_redis_broker() -> Broker:
     import redis
 
-    db = _lease_redis_db(redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0))
+    leases = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    db = _lease_redis_db(leases)
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
     broker = Broker("redis", f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
     broker.db = db
+    broker.cleanup.append(lambda: _release(leases, f"celery-health-exporter:test-db-lease:{db}"))
     return broker
 
 

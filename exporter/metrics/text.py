@@ -166,6 +166,8 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
     column_texts: dict[int, tuple[list, list]] = {}
     for definition, label_values, value in samples:
         if label_values is None:  # a Column: write it here, in comprehensions
+            if not value.labels:
+                continue  # no series: no family (prometheus_client writes none either)
             current = None
             family = families.get(id(definition))
             if family is None:

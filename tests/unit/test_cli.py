@@ -19,6 +19,8 @@ URL = "amqp://user:s3cret@rabbit:5672/vh"
     ([], "--broker-url"),
     (["--broker-url", URL, "--static-label", "novalue"], "--static-label"),
     (["--broker-url", URL, "--static-label", "bad-name=x"], "--static-label"),
+    (["--broker-url", URL, "--static-label", "hostname=x"], "--static-label"),
+    (["--broker-url", URL, "--static-label", "le=x"], "--static-label"),
     (["--broker-url", URL, "--broker-transport-option", "=1"], "--broker-transport-option"),
     (["--broker-url", URL, "--runtime-buckets", "1,0.5,2"], "--runtime-buckets"),
     (["--broker-url", URL, "--runtime-buckets", "1,x"], "--runtime-buckets"),

@@ -123,3 +123,20 @@ def test_counter_columns_survive_percent_signs_and_new_flows_between_scrapes():
     _run_tasks(state, ["w1@h", "w2@h"], ["app.%d%s%%"], now=T0 + 10)
     again = _families(collector.render())["celery_task_succeeded"].samples
     assert sorted((s.labels["hostname"], s.value) for s in again) == [("w1@h", 2), ("w2@h", 1)]
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("gzip", True), ("gzip, deflate", True), ("deflate, gzip;q=0.5", True), ("*", True),
+    ("gzip;q=0", False), ("gzip; q=0.0", False), ("identity", False), ("", False), ("gzip;q=oops", False),
+])
+def test_gzip_only_when_the_scraper_accepts_it(header, expected):
+    from exporter.http import accepts_gzip
+
+    assert accepts_gzip(header) is expected
+
+
+def test_families_without_series_are_not_written():
+    state = ClusterState(runtime_buckets=(1,), queue_wait_buckets=(1,), utcoffset=0, now=T0)
+    text = StateCollector(state, []).render()
+    assert "celery_task_failed" not in text and "celery_task_runtime" not in text
+    assert all(family.samples for family in _families(text).values())
