@@ -93,10 +93,11 @@ def feed(source, tasks: int, names: int, workers: int, finish=True, offset=0, sa
     return points
 
 
-def scrape_size(exporter) -> int:
+def scrape_text(exporter) -> str:
+    """What /metrics serves: the state's families (written directly) and process_*."""
     from prometheus_client.exposition import generate_latest
 
-    return len(generate_latest(exporter.registry))
+    return exporter.collector.render() + generate_latest(exporter.registry).decode()
 
 
 def scenario_flat(args) -> dict:
@@ -109,7 +110,7 @@ def scenario_flat(args) -> dict:
     return {"scenario": "flat", "tasks": args.tasks, "rss_start_mb": round(start, 1), "rss_points_mb": points,
             "rss_growth_second_half_mb": round(points[-1][1] - half, 1), "rss_end_mb": points[-1][1],
             "tracked_tasks": exporter.state.tracked_tasks, "events_per_s": round(args.tasks * 3 / seconds),
-            "metrics_bytes": scrape_size(exporter)}
+            "metrics_bytes": len(scrape_text(exporter))}
 
 
 def scenario_in_flight(args) -> dict:
@@ -135,9 +136,8 @@ def scenario_cardinality(args) -> dict:
     state = exporter.state
     flows = sum(len(worker.flows) for worker in state.workers.values())
     from prometheus_client.parser import text_string_to_metric_families
-    from prometheus_client.exposition import generate_latest
 
-    text = generate_latest(exporter.registry).decode()
+    text = scrape_text(exporter)
     folded = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

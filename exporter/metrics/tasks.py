@@ -55,12 +55,9 @@ def collect(ctx):
     labels = [flow.labels for flow in flows]
     for definition, attribute in _FLOW_COUNTERS:
         yield definition, None, Column(labels, list(map(attrgetter(attribute), flows)))
-    failed_labels, failed = [], []
-    for flow_labels, flow in zip(labels, flows):
-        for exception, count in flow.failed.items():
-            failed_labels.append((*flow_labels, exception))
-            failed.append(count)
-    yield FAILED, None, Column(failed_labels, failed)
+    failing = [flow for flow in flows if flow.failed]
+    yield FAILED, None, Column([(*flow.labels, exception) for flow in failing for exception in flow.failed],
+                               [count for flow in failing for count in flow.failed.values()])
     if state.task_histograms is None:
         yield RUNTIME, None, Column(labels, [flow.runtime for flow in flows])
         yield QUEUE_WAIT, None, Column(labels, [flow.queue_wait for flow in flows])

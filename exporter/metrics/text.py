@@ -212,4 +212,6 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
         out.append(f"# HELP {header} {_escape_help(definition.help, openmetrics)}")
         out.append(f"# TYPE {header} {kind}")
         out.extend(lines)
-    return "\n".join(out) + "\n" if out else ""
+    if out:
+        out.append("")  # the final newline, without copying the whole text once more
+    return "\n".join(out)
