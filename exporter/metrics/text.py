@@ -64,10 +64,6 @@ class LabelCache:
         self._size += 1
         return text
 
-    def get(self, names: tuple, values: tuple) -> str:
-        table = self.table(names)
-        return table.get(values) or self.add(table, names, values)
-
     def end_scrape(self, used: int) -> None:
         """``used``: how many series the scrape rendered."""
         if self._size > 2 * used + 1000:

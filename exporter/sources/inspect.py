@@ -69,9 +69,10 @@ class InspectSource(Source):
 
     def poll(self, connection) -> None:
         now = time.time()
-        replies, asked_at = {}, {}
+        replies = {}
         for command in COMMANDS:
-            asked_at[command] = time.time()
+            if command == "active":
+                active_asked_at = time.time()  # what the answer can be compared with (see apply_active_ids)
             replies[command] = self._ask(connection, command)
         for host, conf in replies["conf"].items():
             if isinstance(conf, dict):
@@ -99,7 +100,7 @@ class InspectSource(Source):
             state.apply_active_ids(
                 {hostname: {r.get("id") for r in active if isinstance(r, dict)}
                  for hostname, active in replies["active"].items() if isinstance(active, list)},
-                asked_at["active"], settle=self.config.inspect_timeout + 2.0)
+                active_asked_at, settle=self.config.inspect_timeout + 2.0)
             for hostname, reply in hook_replies.items():
                 state.apply_hook(hostname, reply, now)
             for hostname, ids in revoked.items():

@@ -63,14 +63,13 @@ class WorkerState:
                  "pool_processes", "max_concurrency", "prefetch_count", "max_tasks_per_child",
                  "max_memory_per_child", "limits_from_hook", "child_pids", "child_pids_of", "child_replacements",
                  "child_tasks", "child_peak_rss", "hook_snapshot", "revoked", "revoked_limit", "revoked_at",
-                 "inspect_prefetched", "inspect_oldest_start", "last_event_ts", "vanish_check", "vanish_due")
+                 "inspect_prefetched", "inspect_oldest_start", "vanish_check", "vanish_due")
 
     def __init__(self, hostname: str, now: float):
         self.hostname = hostname
         self.up = False
         self.online = False  # False after worker-offline, until it comes back
         self.last_heartbeat: float | None = None  # local wall time of the last worker event
-        self.last_event_ts: float | None = None  # the same event's own timestamp (the worker's clock)
         # started tasks `inspect active` did not list: uuid -> (deadline, record, its start); see
         # ClusterState.apply_active_ids. vanish_due: the earliest deadline, checked at every heartbeat.
         self.vanish_check: dict[str, tuple[float, TaskRecord, float | None]] = {}
@@ -261,7 +260,6 @@ class ClusterState:
         if kind == "worker-online":
             worker.start_time = ts
         worker.last_heartbeat = now
-        worker.last_event_ts = ts
         if worker.vanish_due is not None and ts > worker.vanish_due:
             self._vanish(worker, ts)
         worker.online = True

@@ -103,14 +103,19 @@ def test_label_cache_forgets_series_that_are_gone():
     from exporter.metrics.text import LabelCache
 
     cache = LabelCache({"cluster": "eu"})
+
+    def text(names, values):
+        table = cache.table(names)
+        return table.get(values) or cache.add(table, names, values)
+
     for i in range(5000):
-        assert cache.get(("hostname",), (f"w{i}",)) == f'cluster="eu",hostname="w{i}"'
+        assert text(("hostname",), (f"w{i}",)) == f'cluster="eu",hostname="w{i}"'
     cache.end_scrape(used=5000)
     assert cache._size == 5000  # everything was used in this scrape: kept
-    cache.get(("hostname",), ("w1",))
+    text(("hostname",), ("w1",))
     cache.end_scrape(used=1)
     assert cache._size == 0  # the next scrape used one series of 5000: start over
-    assert cache.get(("hostname",), ('we"ird\n',)) == r'cluster="eu",hostname="we\"ird\n"'
+    assert text(("hostname",), ('we"ird\n',)) == r'cluster="eu",hostname="we\"ird\n"'
 
 
 def test_counter_columns_survive_percent_signs_and_new_flows_between_scrapes():
