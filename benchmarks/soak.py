@@ -209,7 +209,10 @@ class Soak:
         entry = {"t": round(self.elapsed(), 1), "rss_mb": round(self.rss_mb(), 1), "ready": self.ready()[0],
                  "scrape_ms": round(scrape_ms, 1), "counted": self.counted(metrics), "truth": self.truth.count(),
                  "published": self.load.published,
-                 "worker_series": len(metrics.find("celery_worker_up"))}
+                 "worker_series": len(metrics.find("celery_worker_up")),
+                 # in-flight records: those of tasks whose terminal event an outage ate must go
+                 "tracked": metrics.value("celery_exporter_tracked_tasks"),
+                 "vanished": metrics.value("celery_exporter_tracked_tasks_vanished_total")}
         self.samples.append(entry)
         return entry
 
@@ -388,6 +391,8 @@ class Soak:
             "tasks_celery_lost": self.load.published - final["truth"],
             "rss_mb": {"start": rss[0], "max": max(rss), "end": rss[-1], "per_minute": per_minute},
             "scrape_ms_median": statistics.median(s["scrape_ms"] for s in self.samples),
+            "tracked_tasks": {"max": max(s["tracked"] or 0 for s in self.samples), "end": final["tracked"]},
+            "tracked_tasks_vanished": final["vanished"],
             "counters_backwards": self.backwards,
             "faults": self.faults,
             "exporter_alive": self.exporter.proc.poll() is None,

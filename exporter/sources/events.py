@@ -173,6 +173,18 @@ class EventsSource(Source):
         if self._drops_thread is not None:  # a request may be under way; a daemon: a hung one holds nothing
             self._drops_thread.join(max(0.0, deadline - time.monotonic()))
 
+    def mark_down(self, reason: str, now: float | None = None) -> None:
+        super().mark_down(reason, now)
+        with self.state.lock:
+            self.state.events_interrupted(time.time())
+
+    def mark_up(self, now: float | None = None) -> None:
+        resumed = not self.health.up
+        super().mark_up(now)
+        if resumed:
+            with self.state.lock:
+                self.state.events_resumed(time.time())
+
     def run(self) -> None:
         backoff = Backoff()
         while not self.stopping:

@@ -187,6 +187,8 @@ class ClusterState:
         self.unpicklable: dict[tuple[str, str], int] = {}
         # (deadline, hostname, epoch that ended, which task states count as lost)
         self.pending_lost: list[tuple[float, str, int, tuple]] = []
+        # While the exporter receives no events, a worker's silence says nothing about it.
+        self.events_interrupted_at: float | None = None
 
         self._handlers = {
             "task-sent": self._on_task_sent,
@@ -339,6 +341,26 @@ class ClusterState:
         heartbeat intervals for workers configured with a slower heartbeat."""
         return max(self.worker_timeout, 2 * worker.freq)
 
+    def events_interrupted(self, now: float) -> None:
+        """The events source lost the broker. Until it is back, workers are not timed
+        out: every one of them would look dead (an unclean shutdown, its tasks lost)."""
+        if self.events_interrupted_at is None:
+            self.events_interrupted_at = now
+
+    def events_resumed(self, now: float) -> None:
+        """Events flow again: the time of the outage is given back to every live worker
+        (heartbeat age and progress), so a worker is judged on what it sent around it."""
+        started, self.events_interrupted_at = self.events_interrupted_at, None
+        if started is None:
+            return
+        gap = max(0.0, now - started)
+        for worker in self.workers.values():
+            if worker.up and worker.last_heartbeat is not None:
+                worker.last_heartbeat += gap
+                worker.progress_at += gap
+                if worker.busy_since is not None:
+                    worker.busy_since += gap
+
     def is_stalled(self, worker: WorkerState, now: float) -> bool:
         """Holds tasks and has finished none for stall_after seconds: the healthy
         consumer that consumes nothing (a deadlocked task holding its messages)."""
@@ -349,8 +371,9 @@ class ClusterState:
     def expire(self, now: float) -> None:
         """Time-driven transitions: silent workers go down, their unfinished tasks
         are declared lost after the grace period, long-gone workers are purged."""
+        judging = self.events_interrupted_at is None
         for hostname, worker in list(self.workers.items()):
-            if worker.up and worker.last_heartbeat is not None and (
+            if judging and worker.up and worker.last_heartbeat is not None and (
                 now - worker.last_heartbeat > self.worker_timeout_for(worker)
             ):
                 worker.up = False
@@ -454,13 +477,20 @@ class ClusterState:
         uuid = self._uuid(event)
         name = self.cardinality.name.fold(text(event, "name") or UNKNOWN)
         queue = self.cardinality.queue_name.fold(text(event, "queue") or text(event, "routing_key") or UNKNOWN)
-        record = self._record(uuid, name)
-        record.queue = queue
-        record.sent_at = ts
         if queue != UNKNOWN:
             self.queue_of_name[name] = queue
         key = (name, queue)
         self.sent[key] = self.sent.get(key, 0) + 1
+        earlier = self.finished.get(uuid)
+        if earlier is not None and earlier.state == "FINISHED" and uuid not in self.tasks:
+            # The publisher's events and the worker's travel apart: a quick task can finish
+            # before its task-sent arrives. A record made now would wait in the queue for ever
+            # (celery_queue_oldest_unstarted_task_age_seconds). A retry is a new message with
+            # the same id, so after task-retried (state RETRIED) the record is made.
+            return
+        record = self._record(uuid, name)
+        record.queue = queue
+        record.sent_at = ts
 
     def _on_task_received(self, event: dict, now: float, ts: float) -> None:
         uuid = self._uuid(event)
@@ -543,6 +573,8 @@ class ClusterState:
     def _on_task_retried(self, event: dict, now: float, ts: float) -> None:
         # The retry is a new message with the same id; a fresh task-received follows.
         flow, record = self._finish(event, now)
+        if record is not None:
+            record.state = "RETRIED"  # its next message (task-sent, task-received) is awaited
         self._count_exception(event, record)
         flow.retried += 1
 

@@ -268,3 +268,44 @@ def test_while_the_exporter_lags_a_ghost_keeps_its_first_deadline(state):
         state.apply_active_ids({W: set()}, asked_at=asked, settle=3)
         beat(state, asked - 30 + 8, hostname=W)
     assert "ghost" not in state.tasks and state.tracked_vanished == 1
+
+
+# ---------------------------------------------------------- the exporter's own outages
+
+def test_workers_are_not_timed_out_while_the_exporter_receives_no_events(state):
+    beat(state, T0)
+    started(state, "t1", "app.a", T0 + 1)
+    state.events_interrupted(T0 + 5)  # our subscription is gone for 60 s
+    state.expire(T0 + 65)
+    worker = state.workers[W]
+    assert worker.up and worker.unclean_shutdowns == 0 and worker.epoch == 0
+    state.events_resumed(T0 + 65)  # its 4 s of silence before the outage still count
+    state.expire(T0 + 70)
+    assert worker.up and not state.pending_lost
+    state.expire(T0 + 72)  # 12 s of its own silence (5 before the outage): past the 10 s timeout
+    assert not worker.up and worker.unclean_shutdowns == 1
+    assert "t1" in state.tasks  # held until the lost-task grace has passed
+    state.expire(T0 + 80)
+    assert "t1" not in state.tasks and sum(state.lost.values()) == 1
+
+
+def test_a_task_sent_event_that_arrives_after_the_task_finished_leaves_nothing_waiting(state):
+    beat(state, T0)
+    started(state, "quick", "app.a", T0 + 1)
+    state.apply(ev("task-succeeded", uuid="quick", runtime=0.01, timestamp=T0 + 1), T0 + 1)
+    state.apply(ev("task-sent", uuid="quick", name="app.a", queue="q", hostname="gen1@h", timestamp=T0 + 1),
+                T0 + 2)
+    assert "quick" not in state.tasks and state.sent[("app.a", "q")] == 1
+    assert state.queue_of_name["app.a"] == "q"
+
+
+def test_a_retry_is_awaited_again_after_its_task_sent(state):
+    beat(state, T0)
+    state.apply(ev("task-sent", uuid="r", name="app.flaky", queue="q", hostname="gen1@h", timestamp=T0), T0)
+    started(state, "r", "app.flaky", T0 + 1)
+    state.apply(ev("task-retried", uuid="r", exception="IOError()", timestamp=T0 + 2), T0 + 2)
+    state.apply(ev("task-sent", uuid="r", name="app.flaky", queue="q", hostname=W, timestamp=T0 + 2), T0 + 2)
+    assert state.tasks["r"].state == "PENDING" and state.tasks["r"].sent_at == T0 + 2
+    started(state, "r", "app.flaky", T0 + 5)
+    state.apply(ev("task-succeeded", uuid="r", runtime=1.0, timestamp=T0 + 6), T0 + 6)
+    assert "r" not in state.tasks and state.sent[("app.flaky", "q")] == 2
