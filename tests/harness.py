@@ -102,6 +102,14 @@ _redis_dbs = itertools.cycle(range(1, 14))
 LEASE_SECONDS = 900
 
 
+def _lease_key(db: int) -> str:
+    return f"celery-health-exporter:test-db-lease:{db}"
+
+
+def _lease_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _dead_here(owner: str) -> bool:
     """A lease of a process of this host that has exited (a killed pytest run)."""
     host, _, pid = owner.rpartition(":")
@@ -109,12 +117,12 @@ def _dead_here(owner: str) -> bool:
 
 
 def _lease_redis_db(client) -> int:
-    me = f"{socket.gethostname()}:{os.getpid()}"
+    me = _lease_owner()
     deadline = time.monotonic() + 120
     while True:
         for _ in range(13):
             db = next(_redis_dbs)
-            key = f"celery-health-exporter:test-db-lease:{db}"
+            key = _lease_key(db)
             if client.set(key, me, nx=True, ex=LEASE_SECONDS):
                 return db
             owner = (client.get(key) or b"").decode()
@@ -133,7 +141,7 @@ def _take_over(client, key: str, owner: str, me: str) -> bool:
 
 
 def _release(client, key: str) -> None:
-    me = f"{socket.gethostname()}:{os.getpid()}"
+    me = _lease_owner()
     client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end",
                 1, key, me)
 
@@ -146,7 +154,7 @@ def make_redis_broker() -> Broker:
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
     broker = Broker("redis", f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}")
     broker.db = db
-    broker.cleanup.append(lambda: _release(leases, f"celery-health-exporter:test-db-lease:{db}"))
+    broker.cleanup.append(lambda: _release(leases, _lease_key(db)))
     return broker
 
 

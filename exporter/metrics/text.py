@@ -48,7 +48,6 @@ class LabelCache:
         self._by_names: dict[tuple, dict[tuple, str]] = {}
         self.columns: dict[str, tuple[list, str]] = {}  # see _counter_column
         self._size = 0
-        self._used = 0
 
     def table(self, names: tuple) -> dict[tuple, str]:
         """The label sets of one label-name tuple: look up there, ``add`` on a miss."""
@@ -160,20 +159,23 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
     # The loop below runs once per series (hundreds of thousands at scale): what is
     # the same as the previous sample's (family, label table) is not looked up again.
     column_texts: dict[int, tuple[list, list]] = {}
+
+    def family_of(definition) -> tuple:
+        family = families.get(id(definition))
+        if family is None:
+            family = families[id(definition)] = (definition, prefix + definition.name, definition.kind, [])
+        return family
+
     for definition, label_values, value in samples:
         if label_values is None:  # a Column: write it here, in comprehensions
             if not value.labels:
                 continue  # no series: no family (prometheus_client writes none either)
             current = None
-            family = families.get(id(definition))
-            if family is None:
-                family = families[id(definition)] = (definition, prefix + definition.name, definition.kind, [])
-            _, name, kind, lines = family
+            _, name, kind, lines = family_of(definition)
             texts = _column_texts(cache, definition.labels, value.labels, column_texts)
             used += len(texts)
             if kind == "counter":
-                if texts:
-                    lines.append(_counter_column(cache, name, value, texts))
+                lines.append(_counter_column(cache, name, value, texts))
             elif kind == "histogram":
                 lines.extend([_histogram(templates, name, text, h) for text, h in zip(texts, value.values)])
             else:
@@ -181,10 +183,7 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
             continue
         if definition is not current:
             current = definition
-            family = families.get(id(definition))
-            if family is None:
-                family = families[id(definition)] = (definition, prefix + definition.name, definition.kind, [])
-            _, name, kind, lines = family
+            _, name, kind, lines = family_of(definition)
             labelled = bool(definition.labels or cache.static)
             table = cache.table(definition.labels)
         used += 1

@@ -451,12 +451,11 @@ class ClusterState:
         flow = worker.flows.get(key)
         if flow is None:
             shared = self.task_histograms
-            if shared is None:
+            histograms = shared.get(key) if shared is not None else None
+            if histograms is None:
                 histograms = (Histogram(self.runtime_buckets), Histogram(self.queue_wait_buckets))
-            else:
-                histograms = shared.get(key)
-                if histograms is None:
-                    histograms = shared[key] = (Histogram(self.runtime_buckets), Histogram(self.queue_wait_buckets))
+                if shared is not None:
+                    shared[key] = histograms
             flow = worker.flows[key] = TaskFlow((key[0], worker.hostname, key[1]), *histograms, now)
         return flow, worker
 
@@ -529,17 +528,21 @@ class ClusterState:
             if worker is not None and worker.epoch == record.epoch and worker.running > 0:
                 worker.running -= 1
 
+    def _retire(self, uuid: str, record: TaskRecord) -> None:
+        """A record out of the in-flight table goes to the bounded recently-finished one."""
+        self._leave_started(record)
+        record.state = "FINISHED"
+        self.finished[uuid] = record
+        if len(self.finished) > self.max_finished:
+            self.finished.popitem(last=False)
+
     def _finish(self, event: dict, now: float) -> tuple[TaskFlow, TaskRecord | None]:
         uuid = self._uuid(event)
         record = self.tasks.pop(uuid, None)
         if record is None:
             record = self.finished.get(uuid)
         else:
-            self._leave_started(record)
-            record.state = "FINISHED"
-            self.finished[uuid] = record
-            if len(self.finished) > self.max_finished:
-                self.finished.popitem(last=False)
+            self._retire(uuid, record)
         flow, worker = self._flow(event, now, record)
         worker.progress_at = now
         self._update_busy(worker, now)
@@ -692,11 +695,7 @@ class ClusterState:
                 waiting[uuid] = (due, flagged, started_local)
                 continue
             del self.tasks[uuid]
-            self._leave_started(record)
-            record.state = "FINISHED"
-            self.finished[uuid] = record  # a terminal event that still comes keeps the task's name
-            if len(self.finished) > self.max_finished:
-                self.finished.popitem(last=False)
+            self._retire(uuid, record)  # a terminal event that still comes keeps the task's name
             self.tracked_vanished += 1
         worker.vanish_check = waiting
         worker.vanish_due = min((due for due, _, _ in waiting.values()), default=None)
