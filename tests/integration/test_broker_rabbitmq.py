@@ -315,6 +315,15 @@ def test_messages_the_broker_drops_from_a_queue_are_read_from_the_management_api
         for i in range(4):
             producer.publish({"n": i}, serializer="json")
     access = management_access(config, make_app(config))
-    # the broker's statistics are refreshed every few seconds
-    wait_for(lambda: management_queue(access, "overflowing") == (4, 3), 20, interval=1,
-             message="3 of 4 messages dropped by x-max-length=1")
+    # The broker's statistics are refreshed every few seconds, later on a busy broker (one
+    # CI run waited more than 20 s). On failure the last reading is shown, not just False.
+    readings = []
+
+    def dropped_three():
+        readings.append(management_queue(access, "overflowing"))
+        return readings[-1] == (4, 3)
+
+    try:
+        wait_for(dropped_three, 60, interval=1, message="3 of 4 messages dropped by x-max-length=1")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last readings (published, dropped): {readings[-5:]}") from None
