@@ -107,7 +107,10 @@ def test_recycle_storm_with_and_without_the_hook(redis_broker, make_exporter, ma
 
     nohook = wait_for(lambda: ran("nohook"), 30, message="nohook tasks ran")
     host = workers["nohook"].hostname
-    time.sleep(2.5)  # two more polls
+    # Without the hook, replacements are seen as changes of the pool's pids between two
+    # inspect polls, and a poll of five broadcasts takes about five --inspect-timeout.
+    wait_for(lambda: metric(exporter, "celery_worker_child_replacements_total", hostname=host,
+                            reason="unknown"), 30, message="replacements seen by the pid diff")
     m = exporter.scrape()
     seen = m.value("celery_worker_child_replacements_total", hostname=host, reason="unknown")
     assert seen is not None and 1 <= seen <= len(nohook), seen  # a lower bound of what happened
