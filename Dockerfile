@@ -24,7 +24,7 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY exporter ./exporter
+COPY celery_health_exporter ./celery_health_exporter
 
 # The same install command as the README and CI: pip builds the wheel and installs it
 # (with its runtime dependencies) into /opt/venv, the only thing the final stage takes.

@@ -36,8 +36,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.sources.host import HostSource, _LiveLeaders  # noqa: E402
-from exporter.state.hosts import HostState, parse_worker_command  # noqa: E402
+from celery_health_exporter.sources.host import HostSource, _LiveLeaders  # noqa: E402
+from celery_health_exporter.state.hosts import HostState, parse_worker_command  # noqa: E402
 
 FAKE_WORKER = """\
 import os, signal, sys, time

@@ -42,9 +42,9 @@ def rss_mb() -> float:
 
 
 def build():
-    from exporter.app import Exporter
-    from exporter.cli import config_from_args
-    from exporter.sources.events import EventsSource
+    from celery_health_exporter.app import Exporter
+    from celery_health_exporter.cli import config_from_args
+    from celery_health_exporter.sources.events import EventsSource
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

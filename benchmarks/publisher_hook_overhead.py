@@ -1,4 +1,4 @@
-"""What ``exporter.hooks.publisher.instrument(app)`` adds to each task publish.
+"""What ``celery_health_exporter.hooks.publisher.instrument(app)`` adds to each task publish.
 
     python -m benchmarks.publisher_hook_overhead
     python -m benchmarks.publisher_hook_overhead --calls 500000 --publishes 50000
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from celery import Celery  # noqa: E402
 
-from exporter.hooks.publisher import PublisherHook  # noqa: E402
+from celery_health_exporter.hooks.publisher import PublisherHook  # noqa: E402
 
 
 def make_app(name: str) -> Celery:

@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.broker import make_app  # noqa: E402
-from exporter.config import Config  # noqa: E402
-from exporter.metrics import StateCollector  # noqa: E402
-from exporter.sources.rabbitmq import RabbitMQSource  # noqa: E402
-from exporter.state.model import ClusterState  # noqa: E402
+from celery_health_exporter.broker import make_app  # noqa: E402
+from celery_health_exporter.config import Config  # noqa: E402
+from celery_health_exporter.metrics import StateCollector  # noqa: E402
+from celery_health_exporter.sources.rabbitmq import RabbitMQSource  # noqa: E402
+from celery_health_exporter.state.model import ClusterState  # noqa: E402
 from tests.harness import RABBITMQ_API, make_amqp_broker, rabbitmq_api, wait_for  # noqa: E402
 
 

@@ -245,7 +245,7 @@ class Ours(Consumer):
     extra_flags: list[str] = []  # --exporter-flag
 
     def command(self):
-        return [sys.executable, "-m", "exporter", "--broker-url", self.broker.url,
+        return [sys.executable, "-m", "celery_health_exporter", "--broker-url", self.broker.url,
                 "--listen-address", f"127.0.0.1:{self.port}", "--log-level", "WARNING", *self.extra_flags]
 
     def counts(self) -> dict:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def build(workers: int, names: int, names_per_worker: int, extra_flags: list[str]):
-    from exporter.app import Exporter
-    from exporter.cli import config_from_args
+    from celery_health_exporter.app import Exporter
+    from celery_health_exporter.cli import config_from_args
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

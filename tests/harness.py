@@ -206,7 +206,7 @@ class ExporterProcess:
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--broker-url", broker_url,
+            [sys.executable, "-m", "celery_health_exporter", "--broker-url", broker_url,
              "--listen-address", f"127.0.0.1:{self.port}", *extra],
             stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
         )

@@ -92,7 +92,7 @@ def allocate(megabytes):
 
 
 if os.environ.get("TEST_WORKER_HOOK") == "1":
-    import exporter.hooks.worker  # noqa: F401,E402
+    import celery_health_exporter.hooks.worker  # noqa: F401,E402
 
 
 @app.task(name="tests.record_pid")

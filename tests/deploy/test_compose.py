@@ -70,9 +70,9 @@ def test_structure(compose, services):
 def test_broker_and_demo_commands(services):
     assert services["rabbitmq"]["image"] == "rabbitmq:3-management"
     assert "rabbitmq-diagnostics" in services["rabbitmq"]["healthcheck"]["test"]
-    assert argv(services["worker1"]) == "celery -A exporter.demo.app worker -E -c 2 -n demo1@%h".split()
-    assert argv(services["worker2"]) == "celery -A exporter.demo.app worker -E -c 2 -n demo2@%h".split()
-    assert argv(services["traffic"]) == "python -m exporter.demo traffic".split()
+    assert argv(services["worker1"]) == "celery -A celery_health_exporter.demo.app worker -E -c 2 -n demo1@%h".split()
+    assert argv(services["worker2"]) == "celery -A celery_health_exporter.demo.app worker -E -c 2 -n demo2@%h".split()
+    assert argv(services["traffic"]) == "python -m celery_health_exporter.demo traffic".split()
     for name in ("worker1", "worker2", "traffic", "exporter"):
         svc = services[name]
         # all built from the repository's Dockerfile (the image has the exporter and the demo)

@@ -161,7 +161,7 @@ def test_install_command_is_pip_install_dot(instructions):
     assert final_pips == [], f"the final stage must not install with pip: {final_pips}"
     # what `pip install .` needs is in the build context and copied in
     copied = " ".join(ins.args for ins in builder if ins.cmd == "COPY")
-    needed = ["pyproject.toml", pyproject()["project"]["readme"], "exporter"]
+    needed = ["pyproject.toml", pyproject()["project"]["readme"], "celery_health_exporter"]
     for name in needed:
         assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", copied), f"{name} is not copied in the builder"
 
@@ -216,10 +216,10 @@ def test_dockerignore_keeps_only_the_build_inputs():
                 result = not negate
         return result
 
-    for needed in ("pyproject.toml", "README.md", "exporter/__init__.py", "exporter/cli.py"):
+    for needed in ("pyproject.toml", "README.md", "celery_health_exporter/__init__.py", "celery_health_exporter/cli.py"):
         assert not excluded(needed), f"{needed} is excluded from the build context"
     for unwanted in (".git/config", "tests/deploy/test_dockerfile.py", "deploy/compose/docker-compose.yml",
-                     "exporter/__pycache__/cli.cpython-311.pyc", "grafana/x.json"):
+                     "celery_health_exporter/__pycache__/cli.cpython-311.pyc", "grafana/x.json"):
         assert excluded(unwanted), f"{unwanted} would be sent to the build context"
 
 

@@ -12,10 +12,10 @@ import uuid
 
 import pytest
 
-from exporter.config import Config
-from exporter.broker import make_app
-from exporter.sources.rabbitmq import RabbitMQSource
-from exporter.state.model import ClusterState
+from celery_health_exporter.config import Config
+from celery_health_exporter.broker import make_app
+from celery_health_exporter.sources.rabbitmq import RabbitMQSource
+from celery_health_exporter.state.model import ClusterState
 from tests.apps.brokerapp import client
 from tests.harness import RABBITMQ_API, TcpProxy, free_port, make_amqp_broker, rabbitmq_api, wait_for
 
@@ -177,7 +177,7 @@ class _HtmlErrorPage(http.server.BaseHTTPRequestHandler):
 
 
 def test_failures_are_named_clearly_values_dropped_and_logged_once_per_change(amqp, caplog):
-    caplog.set_level(logging.WARNING, logger="exporter.sources.rabbitmq")
+    caplog.set_level(logging.WARNING, logger="celery_health_exporter.sources.rabbitmq")
     silent = socket.socket()  # accepts connections, never answers: a hung API
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -303,8 +303,8 @@ def test_messages_the_broker_drops_from_a_queue_are_read_from_the_management_api
     neither queued nor settled (acked or delivered without ack)."""
     from kombu import Connection, Exchange, Queue
 
-    from exporter.sources.events import management_queue
-    from exporter.sources.rabbitmq import management_access
+    from celery_health_exporter.sources.events import management_queue
+    from celery_health_exporter.sources.rabbitmq import management_access
 
     config = Config(broker_url=amqp.url, rabbitmq_management_url=RABBITMQ_API)
     exchange = Exchange("drops", type="fanout", durable=False)

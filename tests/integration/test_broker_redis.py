@@ -11,10 +11,10 @@ import pytest
 import redis
 from kombu import Connection
 
-from exporter.broker import make_app
-from exporter.config import Config
-from exporter.sources.redis_queues import RedisQueuesSource
-from exporter.state.model import ClusterState
+from celery_health_exporter.broker import make_app
+from celery_health_exporter.config import Config
+from celery_health_exporter.sources.redis_queues import RedisQueuesSource
+from celery_health_exporter.state.model import ClusterState
 from tests.apps.brokerapp import client
 from tests.harness import REDIS_HOST, REDIS_PORT, TcpProxy, make_redis_broker, wait_for
 
@@ -193,7 +193,7 @@ def test_unacked_counts_are_exact_within_the_budget_and_sampled_beyond_it(rds):
 
 
 def test_redis_gone_means_source_down_values_dropped_one_line_then_recovery(rds, caplog):
-    caplog.set_level(logging.INFO, logger="exporter.sources.redis")
+    caplog.set_level(logging.INFO, logger="celery_health_exporter.sources.redis")
     proxy = TcpProxy(REDIS_HOST, REDIS_PORT)
     url = f"redis://127.0.0.1:{proxy.port}/{rds.db}"
     options = {"global_keyprefix": f"d{uuid.uuid4().hex[:6]}:", "socket_timeout": 2}

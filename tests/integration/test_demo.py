@@ -16,7 +16,7 @@ def test_demo_fills_metrics_and_ctrl_c_stops_everything(tmp_path):
     port = free_port()
     log = open(tmp_path / "demo.log", "wb")
     demo = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "demo", "--broker-url", "redis://127.0.0.1:6379/15",
+        [sys.executable, "-m", "celery_health_exporter", "demo", "--broker-url", "redis://127.0.0.1:6379/15",
          "--listen-address", f"127.0.0.1:{port}", "--rate", "20"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -17,7 +17,7 @@ FAST = ("--inspect-interval", "1", "--worker-timeout", "3", "--stall-after", "3"
 
 
 def doctor(*args, timeout=90):
-    return subprocess.Popen([sys.executable, "-m", "exporter", "doctor", *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "celery_health_exporter", "doctor", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -165,7 +165,7 @@ def test_protect_health_endpoints_puts_the_probes_behind_basic_auth(make_exporte
 def test_a_malformed_web_config_exits_2_with_the_line(tmp_path, text, line, fragment):
     path = tmp_path / "web.yml"
     path.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "exporter", "--broker-url", "redis://127.0.0.1:6379/0",
+    proc = subprocess.run([sys.executable, "-m", "celery_health_exporter", "--broker-url", "redis://127.0.0.1:6379/0",
                            "--listen-address", f"127.0.0.1:{free_port()}", "--web-config-file", str(path)],
                           capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr

@@ -21,10 +21,10 @@ import uuid
 import pytest
 from celery import Celery
 
-from exporter.broker import make_app
-from exporter.config import Config
-from exporter.sources.events import QUEUE_STATS_INTERVAL, EventsSource
-from exporter.state.model import ClusterState
+from celery_health_exporter.broker import make_app
+from celery_health_exporter.config import Config
+from celery_health_exporter.sources.events import QUEUE_STATS_INTERVAL, EventsSource
+from celery_health_exporter.state.model import ClusterState
 from tests.harness import HOST, RABBITMQ_API, make_amqp_broker, rabbitmq_api, wait_for
 
 pytestmark = pytest.mark.integration

@@ -209,7 +209,7 @@ class NamespacedExporter(ExporterProcess):
         script = 'mount --bind "$0" /etc/hosts && exec "$@"'
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hosts_file),
-             sys.executable, "-m", "exporter", "--broker-url", broker_url, "--listen-address",
+             sys.executable, "-m", "celery_health_exporter", "--broker-url", broker_url, "--listen-address",
              f"127.0.0.1:{self.port}", *extra],
             stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT)
 

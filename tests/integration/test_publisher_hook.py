@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from kombu.connection import Connection
 
-from exporter.hooks.publisher import instrument
+from celery_health_exporter.hooks.publisher import instrument
 from tests.apps.publisherapp import RETRY_POLICY, RecordingErrback, make_app
 from tests.harness import TcpProxy, make_broker, wait_for
 
@@ -187,7 +187,7 @@ def test_hook_failures_never_reach_the_caller(hooks, monkeypatch):
     app = make_app("memory://")
     hook = instrument(app, interval=60, publisher="p")
     hooks.append(hook)
-    monkeypatch.setattr("exporter.hooks.publisher.bisect_left", lambda *a: 1 / 0)
+    monkeypatch.setattr("celery_health_exporter.hooks.publisher.bisect_left", lambda *a: 1 / 0)
     result = app.send_task("tests.add", (1, 2))
     assert result.id
 

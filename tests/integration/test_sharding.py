@@ -58,7 +58,7 @@ def test_two_sharded_replicas_count_every_task_exactly_once(amqp_broker, make_ex
 
 def test_sharding_is_refused_on_redis():
     port = free_port()
-    result = subprocess.run([sys.executable, "-m", "exporter", "--broker-url", "redis://127.0.0.1:6379/0",
+    result = subprocess.run([sys.executable, "-m", "celery_health_exporter", "--broker-url", "redis://127.0.0.1:6379/0",
                              "--listen-address", f"127.0.0.1:{port}", "--shard-task-events", "shared"],
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

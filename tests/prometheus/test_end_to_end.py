@@ -364,7 +364,7 @@ def _healthy_run(s: Scenario, cleanup: list) -> None:
 
 def _start_publisher(s: Scenario, cleanup: list) -> None:
     """A publishing app (the publisher hook) whose broker link goes through a proxy."""
-    from exporter.hooks.publisher import instrument
+    from celery_health_exporter.hooks.publisher import instrument
     from tests.apps.publisherapp import make_app
 
     proxy = TcpProxy(REDIS_HOST, REDIS_PORT)

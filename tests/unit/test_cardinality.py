@@ -3,10 +3,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.cli import config_from_args
-from exporter.metrics import StateCollector
-from exporter.state.cardinality import OTHER, CardinalityCaps, LabelCap
-from exporter.state.model import ClusterState
+from celery_health_exporter.cli import config_from_args
+from celery_health_exporter.metrics import StateCollector
+from celery_health_exporter.state.cardinality import OTHER, CardinalityCaps, LabelCap
+from celery_health_exporter.state.model import ClusterState
 
 
 def test_values_keep_their_slot_and_newcomers_past_the_cap_fold():
@@ -65,7 +65,7 @@ def test_caps_come_from_the_flags_with_sane_defaults():
                                   "--max-publishers"])
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
 def test_bad_cap_flags_name_the_flag(flag, value, capsys):
-    from exporter.cli import main
+    from celery_health_exporter.cli import main
 
     assert main(["--broker-url", "redis://h", flag, value]) == 2
     err = capsys.readouterr().err

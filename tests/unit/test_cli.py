@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from exporter.cli import config_from_args, main
-from exporter.config import ConfigError, mask_url
+from celery_health_exporter.cli import config_from_args, main
+from celery_health_exporter.config import ConfigError, mask_url
 
 URL = "amqp://user:s3cret@rabbit:5672/vh"
 
@@ -42,7 +42,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(argv, flag, capsys, mo
 
 
 def test_unknown_flag_is_one_line_too():
-    proc = subprocess.run([sys.executable, "-m", "exporter", "--no-such-flag"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "celery_health_exporter", "--no-such-flag"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--no-such-flag" in proc.stderr
 
@@ -53,7 +53,7 @@ def test_port_in_use_is_bad_input_not_a_crash():
         busy.listen()
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "exporter", "--broker-url", URL, "--listen-address", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "celery_health_exporter", "--broker-url", URL, "--listen-address", f"127.0.0.1:{port}"],
             capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--listen-address" in proc.stderr and "in use" in proc.stderr

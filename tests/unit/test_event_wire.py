@@ -18,8 +18,8 @@ from amqp.transport import TCPTransport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.sources.events import READ_CHUNK, TAKE_LIMIT, FrameReader, PubSubParser, RedisReader
-from exporter.state.ingest import IngestStats
+from celery_health_exporter.sources.events import READ_CHUNK, TAKE_LIMIT, FrameReader, PubSubParser, RedisReader
+from celery_health_exporter.state.ingest import IngestStats
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,6 +1,6 @@
 import pytest
 
-from exporter.state.events import MalformedEvent, decode_body, exception_class
+from celery_health_exporter.state.events import MalformedEvent, decode_body, exception_class
 
 
 def test_single_event_and_task_multi_batch():

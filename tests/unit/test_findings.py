@@ -1,10 +1,10 @@
 """The findings engine on hand-made states: each finding, its numbers, and silence when healthy."""
 import pytest
 
-from exporter.findings import diagnose
-from exporter.state.model import ClusterState
-from exporter.state.publishers import EVENT_TYPE
-from exporter.state.queues import QueuesSnapshot, QueueStats
+from celery_health_exporter.findings import diagnose
+from celery_health_exporter.state.model import ClusterState
+from celery_health_exporter.state.publishers import EVENT_TYPE
+from celery_health_exporter.state.queues import QueuesSnapshot, QueueStats
 
 from .events import T0, W, ev
 

@@ -42,13 +42,13 @@ def fuzz_main() -> None:  # pragma: no cover - runs in a subprocess under atheri
 
     # Coverage guidance on our parser and model only: instrumenting prometheus_client or
     # Celery would slow every run down for branches that are not ours.
-    with atheris.instrument_imports(include=["exporter.state"]):
-        from exporter.state.events import MalformedEvent, decode_body
-        from exporter.state.model import ClusterState
+    with atheris.instrument_imports(include=["celery_health_exporter.state"]):
+        from celery_health_exporter.state.events import MalformedEvent, decode_body
+        from celery_health_exporter.state.model import ClusterState
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from exporter.metrics import StateCollector
+    from celery_health_exporter.metrics import StateCollector
 
     types = sorted(ClusterState()._handlers) + ["task.multi", ""]
     keys = ["type", "uuid", "hostname", "name", "timestamp", "utcoffset", "runtime", "exception", "routing_key",

@@ -15,11 +15,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.metrics import ScrapeContext, StateCollector
-from exporter.metrics.text import expand_columns
-from exporter.metrics.definitions import AREAS
-from exporter.state.events import MAX_LABEL_LENGTH, MalformedEvent, clean_label, decode_body
-from exporter.state.model import ClusterState
+from celery_health_exporter.metrics import ScrapeContext, StateCollector
+from celery_health_exporter.metrics.text import expand_columns
+from celery_health_exporter.metrics.definitions import AREAS
+from celery_health_exporter.state.events import MAX_LABEL_LENGTH, MalformedEvent, clean_label, decode_body
+from celery_health_exporter.state.model import ClusterState
 
 NOW = float(int(time.time()))  # the collector expires workers against the real clock
 SETTINGS = settings(max_examples=60, deadline=None, database=None,
@@ -100,7 +100,7 @@ def parse(text: str) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-MONOTONIC_AREAS = ("exporter.metrics.tasks", "exporter.metrics.exporter_self")
+MONOTONIC_AREAS = ("celery_health_exporter.metrics.tasks", "celery_health_exporter.metrics.exporter_self")
 
 
 def counters(state: ClusterState) -> dict:

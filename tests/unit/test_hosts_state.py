@@ -4,7 +4,7 @@ import re
 import pytest
 from celery.utils.nodenames import default_nodename, host_format
 
-from exporter.state.hosts import (
+from celery_health_exporter.state.hosts import (
     CHILD,
     MAIN,
     ORPHAN,

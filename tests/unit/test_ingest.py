@@ -1,5 +1,5 @@
 """Crediting RabbitMQ's queue drops from management API snapshots (pure, no broker)."""
-from exporter.state.ingest import IngestStats
+from celery_health_exporter.state.ingest import IngestStats
 
 
 def lost(stats: IngestStats, role: str = "own") -> int:

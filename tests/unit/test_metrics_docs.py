@@ -1,14 +1,14 @@
 from pathlib import Path
 
-from exporter.metrics import all_definitions
-from exporter.metrics.docs import render
+from celery_health_exporter.metrics import all_definitions
+from celery_health_exporter.metrics.docs import render
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def test_docs_metrics_md_is_generated_from_the_definitions():
     assert DOC.read_text() == render(), (
-        "docs/metrics.md is out of date: run `python -m exporter.metrics.docs > docs/metrics.md`")
+        "docs/metrics.md is out of date: run `python -m celery_health_exporter.metrics.docs > docs/metrics.md`")
 
 
 def test_every_metric_is_defined_once_with_help():

@@ -3,8 +3,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from exporter.metrics import StateCollector
-from exporter.state.model import ClusterState
+from celery_health_exporter.metrics import StateCollector
+from celery_health_exporter.state.model import ClusterState
 
 T0 = 1_700_000_000.0
 
@@ -100,7 +100,7 @@ def test_histograms_without_hostname_are_one_series_per_name_and_queue_over_all_
 
 
 def test_label_cache_forgets_series_that_are_gone():
-    from exporter.metrics.text import LabelCache
+    from celery_health_exporter.metrics.text import LabelCache
 
     cache = LabelCache({"cluster": "eu"})
 
@@ -135,7 +135,7 @@ def test_counter_columns_survive_percent_signs_and_new_flows_between_scrapes():
     ("gzip;q=0", False), ("gzip; q=0.0", False), ("identity", False), ("", False), ("gzip;q=oops", False),
 ])
 def test_gzip_only_when_the_scraper_accepts_it(header, expected):
-    from exporter.http import accepts_gzip
+    from celery_health_exporter.http import accepts_gzip
 
     assert accepts_gzip(header) is expected
 

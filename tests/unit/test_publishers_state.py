@@ -5,10 +5,10 @@ import time
 import pytest
 from celery import Celery
 
-from exporter.hooks.publisher import EVENT_TYPE as HOOK_EVENT_TYPE
-from exporter.hooks.publisher import PublisherHook
-from exporter.state.model import ClusterState
-from exporter.state.publishers import EVENT_TYPE, MAX_EXCEPTION_CLASSES, PublisherState
+from celery_health_exporter.hooks.publisher import EVENT_TYPE as HOOK_EVENT_TYPE
+from celery_health_exporter.hooks.publisher import PublisherHook
+from celery_health_exporter.state.model import ClusterState
+from celery_health_exporter.state.publishers import EVENT_TYPE, MAX_EXCEPTION_CLASSES, PublisherState
 
 NOW = 50_000.0
 BOUNDS = [0.01, 0.1, 1.0]

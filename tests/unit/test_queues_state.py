@@ -5,12 +5,12 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.metrics import StateCollector
-from exporter.sources.queues_common import queue_filter
-from exporter.sources.rabbitmq import _split_credentials, queue_stats
-from exporter.sources.redis_queues import RedisQueuesSource, priority_key
-from exporter.state.model import ClusterState
-from exporter.state.queues import QueuesSnapshot, QueueStats
+from celery_health_exporter.metrics import StateCollector
+from celery_health_exporter.sources.queues_common import queue_filter
+from celery_health_exporter.sources.rabbitmq import _split_credentials, queue_stats
+from celery_health_exporter.sources.redis_queues import RedisQueuesSource, priority_key
+from celery_health_exporter.state.model import ClusterState
+from celery_health_exporter.state.queues import QueuesSnapshot, QueueStats
 from tests.harness import Metrics
 
 T0 = 1_700_000_000.0

@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from exporter.cli import flags_markdown
+from celery_health_exporter.cli import flags_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_flags_table_matches_the_cli():
     table = README.split("<!-- flags:start -->")[1].split("<!-- flags:end -->")[0].strip()
-    assert table == flags_markdown(), "README flags table is stale: regenerate it from exporter.cli.flags_markdown()"
+    assert table == flags_markdown(), "README flags table is stale: regenerate it from celery_health_exporter.cli.flags_markdown()"
 
 
 def test_ci_runs_exactly_the_test_command_of_the_readme():

@@ -1,7 +1,7 @@
 """The state model, driven by hand-made events: no broker, no I/O."""
 import pytest
 
-from exporter.state.model import ClusterState, Histogram
+from celery_health_exporter.state.model import ClusterState, Histogram
 
 T0 = 1_700_000_000.0
 
@@ -152,8 +152,8 @@ def test_local_utcoffset_has_celerys_sign_so_same_zone_events_need_no_correction
 
     from celery.utils.time import utcoffset
 
-    from exporter.state.events import adjusted_timestamp
-    from exporter.state.model import local_utcoffset
+    from celery_health_exporter.state.events import adjusted_timestamp
+    from celery_health_exporter.state.model import local_utcoffset
 
     monkeypatch.setenv("TZ", zone)
     time.tzset()

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.config import ConfigError
-from exporter.web_config import BasicAuth, RateLimiter, load_web_config, middlewares, parse_duration
+from celery_health_exporter.config import ConfigError
+from celery_health_exporter.web_config import BasicAuth, RateLimiter, load_web_config, middlewares, parse_duration
 
 # ------------------------------------------------------------------ a small PKI (also used by the integration test)
 

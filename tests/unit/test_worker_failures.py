@@ -1,7 +1,7 @@
 """Failure detectors of the state model: restarts, unclean shutdowns, stalls, lost tasks, recycling."""
 import pytest
 
-from exporter.state.model import ClusterState
+from celery_health_exporter.state.model import ClusterState
 
 from .events import T0, W, ev
 
@@ -175,7 +175,7 @@ def test_hook_counters_become_deltas_that_survive_a_worker_restart(state):
 
 
 def test_cardinality_caps_fold_workers_names_queues_and_exceptions_into_other():
-    from exporter.state.cardinality import CardinalityCaps
+    from celery_health_exporter.state.cardinality import CardinalityCaps
 
     state = ClusterState(caps=CardinalityCaps(task_names=2, workers=2, queues=2, exceptions=1), utcoffset=0, now=T0)
     for i in range(50):  # a flood of random worker names with their own pids

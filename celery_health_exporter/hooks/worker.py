@@ -2,7 +2,7 @@
 
 Usage, in the module that defines your Celery app (the one ``celery -A`` imports)::
 
-    import exporter.hooks.worker  # noqa: F401  (celery-health-exporter worker hook)
+    import celery_health_exporter.hooks.worker  # noqa: F401  (celery-health-exporter worker hook)
 
 It records, in the worker main process, every pool child that exits with its
 reason (``memory``/``tasks`` recycling, ``error`` exit code, killed by a

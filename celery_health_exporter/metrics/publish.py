@@ -1,4 +1,4 @@
-"""Task publishing, counted in the publishing processes by the hook `exporter.hooks.publisher` (docs/hooks.md)."""
+"""Task publishing, counted in the publishing processes by the hook `celery_health_exporter.hooks.publisher` (docs/hooks.md)."""
 from __future__ import annotations
 
 from .definitions import counter, histogram

@@ -6,7 +6,7 @@ reads only the command line of each process, and for the few that are Celery
 workers their parent, process group, create time, RSS and CPU time. Processes
 that vanish mid-scan, zombies and processes it may not read are skipped; the
 scan never fails because of one process. What the processes are (main, pool
-child, orphan) is decided by the pure model in ``exporter/state/hosts.py``.
+child, orphan) is decided by the pure model in ``celery_health_exporter/state/hosts.py``.
 
 Essential (``/readyz`` depends on it) only in host-only mode (``--no-events``).
 """

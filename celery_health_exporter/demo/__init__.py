@@ -78,15 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     env = {**os.environ, "CELERY_BROKER_URL": args.broker_url}
-    worker = [sys.executable, "-m", "celery", "-A", "exporter.demo.app", "worker", "-P", "prefork", "-c", "2",
+    worker = [sys.executable, "-m", "celery", "-A", "celery_health_exporter.demo.app", "worker", "-P", "prefork", "-c", "2",
               "-E", "--without-mingle", "-l", "warning"]
     children = [
         subprocess.Popen(worker + ["-n", "demo1@%h", "-Q", "celery"], env=env, start_new_session=True),
         subprocess.Popen(worker + ["-n", "demo2@%h", "-Q", "celery,reports", "--max-tasks-per-child", "3"],
                          env=env, start_new_session=True),
-        subprocess.Popen([sys.executable, "-m", "exporter", "--broker-url", args.broker_url,
+        subprocess.Popen([sys.executable, "-m", "celery_health_exporter", "--broker-url", args.broker_url,
                           "--listen-address", args.listen_address], env=env),
-        subprocess.Popen([sys.executable, "-m", "exporter.demo", "traffic", "--broker-url", args.broker_url,
+        subprocess.Popen([sys.executable, "-m", "celery_health_exporter.demo", "traffic", "--broker-url", args.broker_url,
                           "--rate", str(args.rate)], env=env, start_new_session=True),
     ]
     port = args.listen_address.rpartition(":")[2]

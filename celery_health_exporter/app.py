@@ -18,7 +18,7 @@ from .sources import build_sources
 from .state.cardinality import CardinalityCaps
 from .state.model import ClusterState
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("celery_health_exporter")
 MAINTENANCE_INTERVAL = 1.0
 STOP_TIMEOUT = 3.0
 

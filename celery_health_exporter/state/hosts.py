@@ -1,6 +1,6 @@
 """The host part of the model: Celery worker processes found on this host.
 
-Pure Python, no I/O. The host agent (``exporter/sources/host.py``) reads the
+Pure Python, no I/O. The host agent (``celery_health_exporter/sources/host.py``) reads the
 process table and hands a list of ``ProcessSample`` to ``HostState.apply_scan``;
 everything that decides what a process is (main, pool child, orphan) lives
 here so that it can be tested without processes.

@@ -3,7 +3,7 @@ process that sends tasks, and ship the totals to the exporter as a Celery event.
 
 One line in the application that publishes (web app, API, beat, a worker)::
 
-    from exporter.hooks.publisher import instrument; instrument(app)
+    from celery_health_exporter.hooks.publisher import instrument; instrument(app)
 
 What it counts, per process (see ``docs/hooks.md``):
 
@@ -48,7 +48,7 @@ MAX_EXCEPTION_CLASSES = 32
 ROUTING_KEY = EVENT_TYPE.replace("-", ".")
 _ATTR = "_celery_health_exporter_publisher_hook"
 
-log = logging.getLogger("exporter.hooks.publisher")
+log = logging.getLogger("celery_health_exporter.hooks.publisher")
 
 
 class _Counters:

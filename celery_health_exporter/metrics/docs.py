@@ -1,4 +1,4 @@
-"""Generate docs/metrics.md from the metric definitions: ``python -m exporter.metrics.docs > docs/metrics.md``."""
+"""Generate docs/metrics.md from the metric definitions: ``python -m celery_health_exporter.metrics.docs > docs/metrics.md``."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ from .definitions import AREAS
 
 HEADER = """# Metrics
 
-Generated from the definitions in `exporter/metrics/` by `python -m exporter.metrics.docs > docs/metrics.md`;
+Generated from the definitions in `celery_health_exporter/metrics/` by `python -m celery_health_exporter.metrics.docs > docs/metrics.md`;
 a test fails when this file is out of date. Names are shown with the default `--metric-prefix celery_`.
 Every series also carries the `--static-label` labels. A metric that a source cannot provide is absent,
 never 0. Series of a worker or queue that went away disappear (workers after `--purge-offline-after`).

@@ -29,7 +29,7 @@ class Source:
 
     def __init__(self):
         self.health = SourceHealth()
-        self.log = logging.getLogger(f"exporter.sources.{self.name}")
+        self.log = logging.getLogger(f"celery_health_exporter.sources.{self.name}")
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._was_up_once = False

@@ -1,4 +1,4 @@
-"""The publisher part of the model: what ``exporter.hooks.publisher`` ships.
+"""The publisher part of the model: what ``celery_health_exporter.hooks.publisher`` ships.
 
 Pure Python, no I/O. Every process instrumented with the hook sends its
 cumulative totals in an ``exporter-publisher-stats`` event (see

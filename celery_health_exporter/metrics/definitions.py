@@ -37,14 +37,14 @@ def histogram(name: str, help: str, *labels: str, source: str = "events") -> Met
 
 
 _AREA_MODULES = (
-    "exporter.metrics.tasks",
-    "exporter.metrics.workers",
-    "exporter.metrics.exporter_self",
-    "exporter.metrics.events_loss",
-    "exporter.metrics.cardinality",
-    "exporter.metrics.queues",
-    "exporter.metrics.host",
-    "exporter.metrics.publish",
+    "celery_health_exporter.metrics.tasks",
+    "celery_health_exporter.metrics.workers",
+    "celery_health_exporter.metrics.exporter_self",
+    "celery_health_exporter.metrics.events_loss",
+    "celery_health_exporter.metrics.cardinality",
+    "celery_health_exporter.metrics.queues",
+    "celery_health_exporter.metrics.host",
+    "celery_health_exporter.metrics.publish",
 )
 
 
