@@ -15,10 +15,10 @@ import yaml
 from .conftest import ALERTS_FILE, CHART_DIR, GRAFANA_DIR, ROOT, source_dashboards
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is part of the test extra")
+kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is part of the test extra")
 
 RELEASE = "celery"
 NAMESPACE = "monitoring"
-KUBE_VERSION = "v1.30.0"
 PORT = 9808
 DEFAULT_BROKER_URL = "amqp://guest:guest@rabbitmq:5672//"
 
@@ -47,10 +47,40 @@ ALL_ON = {
 }
 
 
+# ------------------------------------------------------- Kubernetes versions ---
+def _minor(version: str) -> tuple[int, int]:
+    m = re.match(r"v?(\d+)\.(\d+)", version)
+    assert m, f"not a Kubernetes version: {version!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+def chart_min_kube_version() -> str:
+    """The lower bound of Chart.yaml's kubeVersion (">=1.25.0-0" -> "1.25")."""
+    constraint = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text()).get("kubeVersion", "")
+    m = re.fullmatch(r"\s*>=\s*v?(\d+)\.(\d+)(?:\.\d+)?(?:-0)?\s*", str(constraint))
+    assert m, f"Chart.yaml kubeVersion {constraint!r}: expected the form '>=1.N.0-0' (a lower bound only)"
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def shipped_kube_versions() -> list[str]:
+    """The Kubernetes minors whose schemas kubernetes-validate ships, oldest first."""
+    return sorted({"%d.%d" % _minor(v) for v in kv.utils.all_versions()}, key=_minor)
+
+
+def kube_versions_under_test() -> tuple[str, str]:
+    """(oldest, newest) Kubernetes the chart is linted and validated against: the lower bound of
+    Chart.yaml's kubeVersion (the one source of truth) and, as the chart declares no upper bound,
+    the newest Kubernetes whose schemas kubernetes-validate ships."""
+    return chart_min_kube_version(), shipped_kube_versions()[-1]
+
+
+KUBE_VERSIONS = kube_versions_under_test()
+
+
 # ------------------------------------------------------------------ helpers ---
-def render(values: dict | None = None, chart_path: Path | str = CHART_DIR) -> list[dict]:
+def render(values: dict | None = None, chart_path: Path | str = CHART_DIR, name: str = RELEASE) -> list[dict]:
     with helm.Chart.load(chart_path) as chart:
-        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        manifests = chart.render(values, name=name, namespace=NAMESPACE, is_install=True)
     docs = []
     for path, text in sorted(manifests.items()):
         if path.endswith("NOTES.txt"):
@@ -77,8 +107,8 @@ def matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def lint_problems(values: dict | None) -> list[str]:
-    report = helm.lint(str(CHART_DIR), values, strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION)
+def lint_problems(values: dict | None, kube_version: str = KUBE_VERSIONS[-1]) -> list[str]:
+    report = helm.lint(str(CHART_DIR), values, strict=True, namespace=NAMESPACE, kube_version=f"v{kube_version}.0")
     assert report["total_charts_linted"] == 1, report
     problems = [f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2]
     return problems + list(report["errors"])
@@ -133,12 +163,14 @@ def test_image_tag_defaults_to_app_version(default_docs, project_version):
 
 
 # ------------------------------------------------------------------- lint ---
-def test_lint_default_values_clean():
-    assert lint_problems(None) == []
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_lint_default_values_clean(kube_version):
+    assert lint_problems(None, kube_version) == []
 
 
-def test_lint_everything_on_clean(all_on_values):
-    assert lint_problems(all_on_values) == []
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_lint_everything_on_clean(all_on_values, kube_version):
+    assert lint_problems(all_on_values, kube_version) == []
 
 
 def test_lint_really_reports_problems():
