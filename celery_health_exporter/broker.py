@@ -29,3 +29,29 @@ def make_app(config) -> Celery:
     app.conf.broker_connection_timeout = CONNECT_TIMEOUT
     app.conf.broker_heartbeat = AMQP_HEARTBEAT
     return app
+
+
+class MissingDependency(ImportError):
+    """A module the configured broker or a source needs cannot be imported: nothing
+    would ever work, so the exporter stops at once instead of retrying for ever."""
+
+
+def check_dependencies(config, app: Celery | None = None) -> None:
+    """Load the broker's kombu transport and import every enabled source, without
+    connecting. kombu imports a transport's libraries only when a connection is
+    made, inside the source's reconnect loop, where an ImportError would look
+    like an outage."""
+    from .sources import source_classes
+
+    app = app or make_app(config)
+    scheme = config.broker_url.split(";")[0].split("://")[0]
+    try:
+        with app.connection_for_read() as connection:
+            connection.transport  # noqa: B018 - instantiates the transport class, which imports its client
+        source_classes(config)
+    except ImportError as exc:
+        missing = f"the Python package {exc.name!r}" if getattr(exc, "name", None) else str(exc)
+        raise MissingDependency(
+            f"{scheme}:// needs {missing}, which cannot be imported ({type(exc).__name__}: {exc}); "
+            "reinstall with `pip install celery-health-exporter` (it declares what each broker needs)"
+        ) from None

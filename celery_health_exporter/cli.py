@@ -289,9 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"celery-health-exporter: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as exc:  # e.g. --web-config-file without PyYAML
+        print(f"celery-health-exporter: error: missing dependency: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     from . import logs
-    from .app import Exporter
+
+    try:
+        from .broker import check_dependencies
+
+        check_dependencies(config)
+        from .app import Exporter
+    except ImportError as exc:
+        sock.close()
+        print(f"celery-health-exporter: error: missing dependency: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     logs.configure(config.log_level, config.log_format, config.secrets())
     return asyncio.run(Exporter(config, sock).run())

@@ -79,11 +79,16 @@ def main(argv: list[str]) -> int:
 
     from . import logs
     from .app import build_state, diagnose_now
-    from .broker import make_app
+    from .broker import check_dependencies, make_app
     from .sources import build_sources
 
     logs.configure("ERROR", config.log_format, config.secrets())  # the report is the output
     app = make_app(config)
+    try:
+        check_dependencies(config, app)
+    except ImportError as exc:
+        print(f"celery-health-exporter doctor: error: missing dependency: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with app.connection_for_read(connect_timeout=5) as connection:
             connection.ensure_connection(max_retries=1, timeout=5)

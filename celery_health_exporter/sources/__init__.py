@@ -1,30 +1,34 @@
 """The data sources, each a module of its own that can be switched on or off.
 
-``build_sources`` is the one place that decides which run, from the config.
+``source_classes`` is the one place that decides which run, from the config; it
+imports their modules, so that a missing dependency of any of them shows at start
+(see ``broker.check_dependencies``), not as a source that is down for ever.
 """
 from __future__ import annotations
 
 
-def build_sources(config, state, celery_app) -> list:
-    sources = []
+def source_classes(config) -> list[type]:
+    classes = []
     if config.events:
         from .events import EventsSource
 
-        sources.append(EventsSource(config, state, celery_app))
+        classes.append(EventsSource)
     if config.inspect_interval > 0:
         from .inspect import InspectSource
 
-        sources.append(InspectSource(config, state, celery_app))
+        classes.append(InspectSource)
     if config.broker_poll:  # broker pollers: one module per broker family
         if config.broker_kind == "amqp":
             from .rabbitmq import RabbitMQSource as BrokerPoller
         else:
             from .redis_queues import RedisQueuesSource as BrokerPoller
-        sources.append(BrokerPoller(config, state, celery_app))
+        classes.append(BrokerPoller)
     if config.host_metrics:  # host agent: worker processes of this host (psutil)
         from .host import HostSource
 
-        sources.append(HostSource(config, state))
-    # Further sources (remote control, broker pollers, host agent) register here,
-    # one block each, guarded by their own flags.
-    return sources
+        classes.append(HostSource)
+    return classes
+
+
+def build_sources(config, state, celery_app) -> list:
+    return [cls(config, state, celery_app) for cls in source_classes(config)]

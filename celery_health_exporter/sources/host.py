@@ -50,7 +50,7 @@ class _LiveLeaders:
 class HostSource(Source):
     name = "host"
 
-    def __init__(self, config, state):
+    def __init__(self, config, state, celery_app=None):  # reads no broker
         super().__init__()
         self.config = config
         self.state = state
