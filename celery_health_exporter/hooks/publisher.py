@@ -3,7 +3,7 @@ process that sends tasks, and ship the totals to the exporter as a Celery event.
 
 One line in the application that publishes (web app, API, beat, a worker)::
 
-    from celery_health_exporter.hooks.publisher import instrument; instrument(app)
+    from celery_health_exporter.hooks.publisher import install; install(app)
 
 What it counts, per process (see ``docs/hooks.md``):
 
@@ -39,9 +39,10 @@ import weakref
 from bisect import bisect_left
 from time import perf_counter
 
-from ..state.publishers import EVENT_TYPE, FORMAT
+from .protocol import PUBLISHER_EVENT_FORMAT as FORMAT
+from .protocol import PUBLISHER_EVENT_TYPE as EVENT_TYPE
 
-__all__ = ["EVENT_TYPE", "DEFAULT_BUCKETS", "PublisherHook", "instrument"]
+__all__ = ["EVENT_TYPE", "DEFAULT_BUCKETS", "PublisherHook", "install", "instrument"]
 
 DEFAULT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_EXCEPTION_CLASSES = 32
@@ -79,7 +80,7 @@ class _Counters:
 
 
 class PublisherHook:
-    """The counters of one process and the thread that ships them. Use ``instrument()``."""
+    """The counters of one process and the thread that ships them. Use ``install()``."""
 
     def __init__(self, app, *, interval: float = 15.0, publisher: str | None = None,
                  buckets: tuple = DEFAULT_BUCKETS, connect_timeout: float = 2.0, flush_at_exit: bool = True):
@@ -98,7 +99,7 @@ class PublisherHook:
 
     def _reset(self) -> None:
         """Fresh counters, locks and identity: at start and in a forked child
-        (gunicorn --preload forks after instrument(): the child is a new publisher
+        (gunicorn --preload forks after install(): the child is a new publisher
         process, not a copy of the parent's totals)."""
         self.instance = uuid.uuid4().hex
         self.started_at = time.time()
@@ -118,7 +119,7 @@ class PublisherHook:
     # ------------------------------------------------------------- install
     def install(self) -> "PublisherHook":
         """Wrap the app's task sender, now if it exists, else when Celery creates it
-        (it reads the configuration then: instrument() must not finalize it early)."""
+        (it reads the configuration then: install() must not finalize it early)."""
         amqp = self.app.amqp
         current = amqp.__dict__.get("send_task_message")
         if current is not None:
@@ -398,13 +399,14 @@ def _run(ref, stop: threading.Event, interval: float) -> None:
         del hook
 
 
-def instrument(app, interval: float = 15, publisher: str | None = None, **options) -> PublisherHook | None:
+def install(app, interval: float = 15, publisher: str | None = None, **options) -> PublisherHook | None:
     """Count the publishes of ``app`` in this process and ship them every ``interval`` seconds.
 
     ``publisher`` is the label the exporter shows (default: this host's name;
     never a process id: a gunicorn pool's processes add up under one label).
     Options: ``buckets`` (duration histogram bounds, seconds), ``connect_timeout``,
-    ``flush_at_exit``. Calling it again for the same app returns the same hook.
+    ``flush_at_exit``. Calling it again for the same app returns the same hook
+    (``instrument`` is this function under its first name).
     Never raises: on an internal error it logs one warning and returns None.
     """
     try:
@@ -417,3 +419,6 @@ def instrument(app, interval: float = 15, publisher: str | None = None, **option
     except Exception as exc:  # the application must start whatever happens here
         log.warning("celery-health-exporter publisher hook not installed: %s: %s", type(exc).__name__, exc)
         return None
+
+
+instrument = install  # the name of the first releases

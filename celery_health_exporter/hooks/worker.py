@@ -2,7 +2,10 @@
 
 Usage, in the module that defines your Celery app (the one ``celery -A`` imports)::
 
-    import celery_health_exporter.hooks.worker  # noqa: F401  (celery-health-exporter worker hook)
+    from celery_health_exporter.hooks.worker import install
+    install(app)  # celery-health-exporter worker hook
+
+(Importing the module alone turns it on too, a convenience kept for existing setups.)
 
 It records, in the worker main process, every pool child that exits with its
 reason (``memory``/``tasks`` recycling, ``error`` exit code, killed by a
@@ -15,7 +18,8 @@ cheap custom inspect command, ``celery_health``, instead of ``inspect revoked``
 Guarantees: the task hot path gets one integer increment in the child; every
 failure inside the hook is swallowed and counted (``hook_errors``); it works
 with or without the exporter running, and does nothing in non-prefork pools
-beyond answering the command.
+beyond answering the command. It imports nothing but Celery and the standard
+library (pool children are found in /proc, Linux only).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ import threading
 import time
 from collections import deque
 
-HOOK_COMMAND = "celery_health"
-HOOK_CONF_KEY = "celery_health_hook"
+from .protocol import WORKER_HOOK_COMMAND as HOOK_COMMAND
+from .protocol import WORKER_HOOK_CONF_KEY as HOOK_CONF_KEY
+
 CHILD_TASK_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500, 1000)
 EX_RECYCLE = 155  # billiard: a child that reached max_tasks_per_child or max_memory_per_child
 REPORT_WAIT = 2.0  # seconds to wait for a vanished child's own report before blaming a signal
@@ -93,13 +98,11 @@ class _Hook:
                     self.errors += 1
 
     def _watch_children(self) -> None:
-        import psutil
-
-        me = psutil.Process()
+        me = os.getpid()
         while True:
             try:
-                current = {child.pid for child in me.children(recursive=False)}
-            except psutil.Error:
+                current = child_pids(me)
+            except OSError:
                 current = self.children
             now = time.monotonic()
             with self.lock:
@@ -177,6 +180,34 @@ class _Hook:
         os.write(self.write_fd, line)  # < PIPE_BUF: atomic, never interleaved
 
 
+def child_pids(parent: int) -> set[int]:
+    """The direct children of ``parent``, from /proc. Each thread has its own
+    ``children`` file (billiard forks replacements from a pool thread); kernels
+    built without CONFIG_PROC_CHILDREN have none, and then every process's stat
+    is read for its parent pid."""
+    tasks = f"/proc/{parent}/task"
+    children: set[int] = set()
+    try:
+        for tid in os.listdir(tasks):
+            with open(f"{tasks}/{tid}/children") as fh:
+                children.update(int(pid) for pid in fh.read().split())
+        return children
+    except FileNotFoundError:
+        pass
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:  # exited meanwhile
+            continue
+        # the command name may hold spaces and parentheses: the fields follow the last ')'
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == parent:
+            children.add(int(entry.name))
+    return children
+
+
 _hook = _Hook()
 
 
@@ -217,7 +248,22 @@ def _register() -> None:
     signals.task_postrun.connect(_count_task, weak=False)
 
 
-try:
-    _register()
-except Exception:  # an incompatible Celery must not stop the user's app from importing
-    _hook.errors += 1
+_registered = False
+
+
+def install(app=None) -> None:
+    """Turn the worker hook on in the worker that runs ``app``: call it in the module
+    ``celery -A`` imports. Idempotent; never raises (an incompatible Celery must
+    not stop the user's app from importing: the failure is counted instead)."""
+    global _registered
+    try:
+        if not _registered:
+            _register()
+            _registered = True
+        if app is not None:
+            app.conf[HOOK_CONF_KEY] = 1
+    except Exception:
+        _hook.errors += 1
+
+
+install()

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 
-from ..hooks.worker import HOOK_COMMAND, HOOK_CONF_KEY
+from ..hooks.protocol import WORKER_HOOK_COMMAND as HOOK_COMMAND
+from ..hooks.protocol import WORKER_HOOK_CONF_KEY as HOOK_CONF_KEY
 from ..logs import describe_error
 from .base import Backoff, Source
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+from ..hooks.protocol import PUBLISHER_EVENT_FORMAT as FORMAT
+from ..hooks.protocol import PUBLISHER_EVENT_TYPE as EVENT_TYPE
 from .events import MalformedEvent, clean_label, number, text
 from .histogram import Histogram
 
-EVENT_TYPE = "exporter-publisher-stats"
-FORMAT = 1
 MAX_EXCEPTION_CLASSES = 32  # per publisher; more become "other"
 MAX_STAGES = 16
 MAX_BUCKETS = 64

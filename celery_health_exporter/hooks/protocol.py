@@ -1,0 +1,14 @@
+"""What the hooks and the exporter agree on: command, config key and event names.
+
+Kept apart from the hook modules so that the exporter can read them without
+importing (and so activating) a hook in its own process.
+"""
+
+# worker hook: the custom inspect command it answers, and the conf key that tells
+# the exporter (through `inspect conf`) that a worker answers it
+WORKER_HOOK_COMMAND = "celery_health"
+WORKER_HOOK_CONF_KEY = "celery_health_hook"
+
+# publisher hook: the event it sends on the Celery event exchange, and its format version
+PUBLISHER_EVENT_TYPE = "exporter-publisher-stats"
+PUBLISHER_EVENT_FORMAT = 1
