@@ -202,7 +202,8 @@ def _children(state) -> list[Finding]:
             fix = "Raise --max-tasks-per-child (hundreds or more) or remove it."
         else:
             cause = "children exit for a reason the exporter cannot see (install the worker hook)"
-            fix = "Add `import celery_health_exporter.hooks.worker` to the app module to learn why children exit."
+            fix = ("Call `celery_health_exporter.hooks.worker.install(app)` in the app module to learn why "
+                   "children exit.")
         out.append(Finding(
             f"recycle_storm:{hostname}", "recycle_storm", "critical", hostname,
             f"{hostname} replaces a pool child {rate} ({replaced} replacements): {cause}.",
