@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 #
 # celery-health-exporter image.
 #
@@ -23,12 +22,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
+# The pinned, hashed dependencies first (their layer is reused while only the code changes),
+# then the project itself from the same source tree `pip install .` takes in the README and CI:
+# pip builds the wheel (with the locked setuptools and wheel, no build isolation) and installs it
+# into /opt/venv, the only thing the final stage takes. Every distribution in the venv comes from
+# requirements.lock (deploy/dev/lock-requirements.sh regenerates it; tests keep it in sync with
+# pyproject.toml and audit it); `pip check` proves the lock satisfies the project.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY celery_health_exporter ./celery_health_exporter
-
-# The same install command as the README and CI: pip builds the wheel and installs it
-# (with its runtime dependencies) into /opt/venv, the only thing the final stage takes.
-RUN pip install . \
+RUN pip install --no-deps --no-build-isolation . \
+    && pip check \
     && test "$(python -c 'import importlib.metadata as m; print(m.version("celery-health-exporter"))')" = "$VERSION" \
     && celery-health-exporter --help > /dev/null \
     && pip uninstall --yes pip setuptools wheel
@@ -63,7 +68,13 @@ WORKDIR /tmp
 
 EXPOSE 9808
 
-HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9808/healthz', timeout=4)"]
+# `celery-health-exporter healthcheck` reads the exporter's own flags and environment (PID 1's),
+# so it follows --listen-address and --web-config-file (https with TLS), and asks /readyz: healthy
+# while the exporter is connected to its broker and serving. A check every 15 s is cheap (one
+# short-lived Python process); the start period covers a slow first broker connection; three
+# failures in a row (45 s) turn the container unhealthy. `docker run --health-interval` etc.
+# override these values.
+HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["celery-health-exporter", "healthcheck"]
 
 ENTRYPOINT ["celery-health-exporter"]

@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["healthcheck"]:
+        from .healthcheck import main as healthcheck_main
+
+        return healthcheck_main(argv[1:])
     try:
         config = config_from_args(argv)
         sock = bind_listen_socket(config.listen_host, config.listen_port)
