@@ -222,8 +222,10 @@ def ask(target: Target, timeout: float, context: ssl.SSLContext | None, auth: st
         hint = f" (a client certificate it accepts: {ENV_CERT}, {ENV_KEY})" if target.client_cert_required else ""
         raise Unhealthy(f"{where}: TLS handshake failed: {exc.reason or exc}{hint}") from None
     except (OSError, http.client.HTTPException) as exc:
-        if not target.tls and isinstance(exc, (http.client.BadStatusLine, ConnectionResetError)):
-            raise Unhealthy(f"{where}: the answer is not HTTP (does the exporter speak TLS?): {exc!r}") from None
+        if target.client_cert_required and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError)):
+            # TLS 1.3: the server checks the client certificate after the handshake, and hangs up
+            raise Unhealthy(f"{where}: the exporter closed the connection: it did not accept the client "
+                            f"certificate ({ENV_CERT})") from None
         raise Unhealthy(f"{where}: {getattr(exc, 'strerror', None) or exc!r}") from None
     finally:
         conn.close()
@@ -246,15 +248,19 @@ def check(pid: int | None = None, timeout: float = 5.0, proc: Path = Path("/proc
     except OSError as exc:
         raise Unhealthy(f"cannot read the environment of the exporter (pid {pid}): {exc.strerror or exc} "
                         "(run the healthcheck as the exporter's user)") from None
-    # Relative paths (--web-config-file and the files it names) are the exporter's: resolve
-    # them from its working directory.
+    # Relative paths (--web-config-file, the files it names, and ours) are the exporter's:
+    # resolve them from its working directory.
+    here = os.getcwd()
     try:
         os.chdir(proc / str(pid) / "cwd")
     except OSError:
         pass
-    target = target_from(pid, flags, exporter_env)
-    context = client_context(target, own_env, exporter_env) if target.tls else None
-    auth = authorization(target, own_env, exporter_env)
+    try:
+        target = target_from(pid, flags, exporter_env)
+        context = client_context(target, own_env, exporter_env) if target.tls else None
+        auth = authorization(target, own_env, exporter_env)
+    finally:
+        os.chdir(here)
     return f"ready: {target.url}: {ask(target, timeout, context, auth)}"
 
 
