@@ -262,7 +262,7 @@ def _queues(state, now: float) -> list[Finding]:
             "Check the broker / management API address and credentials in the exporter's log.",
             "celery_exporter_source_up", "CeleryExporterSourceDown")]
     out = []
-    consumers_from_workers = broker.consumers_from_workers(state) if snapshot.consumers_from_workers else None
+    consumers_from_workers = broker.consumers_from_workers(state, now) if snapshot.consumers_from_workers else None
     for name, queue in snapshot.queues.items():
         consumers = queue.consumers
         if consumers is None and consumers_from_workers is not None:

@@ -24,8 +24,12 @@ UNACKED_SAMPLED = gauge("broker_unacked_sampled", "1 when celery_queue_unacked w
                         "Redis `unacked` hash (more entries than the scan budget), 0 when counted exactly.",
                         source=REDIS)
 CONSUMERS = gauge("active_consumer_count", "Consumers of the queue (RabbitMQ: the broker's count; Redis: workers "
-                  "whose active_queues include it, absent while no worker's queues are known). 0 with messages "
-                  "waiting = a black hole.", Q, source=BOTH)
+                  "whose active_queues include it in the last remote-control poll, 0 when no worker answered; "
+                  "absent while that is unknown, see celery_broker_consumers_known). 0 with messages waiting = a "
+                  "black hole.", Q, source=BOTH)
+CONSUMERS_KNOWN = gauge("broker_consumers_known", "1 when celery_active_consumer_count is known for every queue: "
+                        "always on RabbitMQ (the broker counts), on Redis while remote-control polls succeed "
+                        "(--inspect-interval > 0); 0 when it is unknown and the count absent.", source=BOTH)
 UTILISATION = gauge("queue_consumer_utilisation", "Fraction of time the queue could deliver to its consumers at "
                     "once (RabbitMQ consumer_utilisation; absent without consumers).", Q, source=RABBITMQ)
 PUBLISHED = counter("queue_messages_published", "Messages published into the queue, the broker's cumulative count "
@@ -44,7 +48,7 @@ CONNECTIONS = gauge("broker_connections", "Client connections to the broker's vh
                     "churn shows reconnect storms.", source=RABBITMQ)
 
 DEFINITIONS = (LENGTH, LENGTH_BY_PRIORITY, UNACKED, OLDEST_UNACKED_AGE, VISIBILITY_TIMEOUT, UNACKED_SAMPLED,
-               CONSUMERS, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, OLDEST_UNSTARTED, BROKER_UP,
+               CONSUMERS, CONSUMERS_KNOWN, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, OLDEST_UNSTARTED, BROKER_UP,
                CONNECTIONS)
 
 _COUNTERS = ((PUBLISHED, "published"), (DELIVERED, "delivered"), (REDELIVERED, "redelivered"), (ACKED, "acked"))
@@ -70,7 +74,8 @@ def collect(ctx):
         yield UNACKED_SAMPLED, (), 1 if snapshot.unacked_sampled else 0
     if snapshot.connections is not None:
         yield CONNECTIONS, (), snapshot.connections
-    worker_consumers = broker.consumers_from_workers(state) if snapshot.consumers_from_workers else None
+    worker_consumers = broker.consumers_from_workers(state, now) if snapshot.consumers_from_workers else None
+    yield CONSUMERS_KNOWN, (), 0 if snapshot.consumers_from_workers and worker_consumers is None else 1
     for name, stats in snapshot.queues.items():
         labels = (name,)
         yield LENGTH, labels, stats.ready

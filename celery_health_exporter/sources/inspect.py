@@ -21,6 +21,8 @@ from ..logs import describe_error
 from .base import Backoff, Source
 
 COMMANDS = ("stats", "active_queues", "conf", "active", "reserved")
+# A poll's view of who consumes what holds until this many polls were missed.
+POLLS_VALID = 3
 
 
 class InspectSource(Source):
@@ -107,3 +109,5 @@ class InspectSource(Source):
             for hostname, ids in revoked.items():
                 if isinstance(ids, list):
                     state.apply_revoked_count(hostname, len(ids), None, now)
+            poll_takes = (len(COMMANDS) + 2) * self.config.inspect_timeout
+            state.remote_control_polled(now, POLLS_VALID * (self.config.inspect_interval + poll_takes))

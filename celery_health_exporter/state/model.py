@@ -178,6 +178,9 @@ class ClusterState:
         self.max_finished = min(max_tracked_tasks, 10_000)
         self.queue_of_name: dict[str, str] = {}  # learned from task-sent: routing is usually per name
         self.worker_queues: dict[str, frozenset] = {}  # from remote control, when available
+        # Until when the last remote-control poll tells who consumes what; None while no
+        # poll succeeded (poller off, or failing from the start): consumer counts unknown.
+        self.remote_control_valid_until: float | None = None
         self.events_by_type: dict[str, int] = {}
         self.malformed: dict[str, int] = {}
         self.event_lag = Histogram(LAG_BUCKETS)
@@ -633,6 +636,12 @@ class ClusterState:
         max_tasks = _int(conf.get("worker_max_tasks_per_child"))
         if max_tasks and not worker.max_tasks_per_child:
             worker.max_tasks_per_child = max_tasks
+
+    def remote_control_polled(self, now: float, valid_for: float) -> None:
+        """A remote-control poll completed: the workers that answered are all there
+        are (none answering means no worker consumes anything), until ``valid_for``
+        seconds pass without another one."""
+        self.remote_control_valid_until = now + valid_for
 
     def apply_active_queues(self, hostname: str, queues) -> None:
         if hostname in self.workers and isinstance(queues, list):

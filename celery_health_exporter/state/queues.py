@@ -125,11 +125,13 @@ class BrokerState:
         return names
 
     @staticmethod
-    def consumers_from_workers(cluster) -> dict[str, int] | None:
-        """Workers consuming each queue, from their active_queues; None when no
-        worker's queues are known (then the count is absent, not 0). Workers
-        known to be down do not count."""
-        if not cluster.worker_queues:
+    def consumers_from_workers(cluster, now: float) -> dict[str, int] | None:
+        """Workers consuming each queue, from their active_queues. None (unknown:
+        the count is absent) only while no recent remote-control poll succeeded;
+        after one, a queue no answering worker consumes has 0, also when no
+        worker answered at all. Workers known to be down do not count."""
+        valid_until = cluster.remote_control_valid_until
+        if valid_until is None or now > valid_until:
             return None
         counts: dict[str, int] = {}
         for hostname, queues in cluster.worker_queues.items():

@@ -94,6 +94,7 @@ def test_revoked_set_near_limit_and_mingle_cost(state):
 
 def test_queue_black_hole_and_unacked_near_visibility_timeout(state):
     alive(state)
+    state.remote_control_polled(T0, valid_for=60)
     state.worker_queues[W] = frozenset({"default"})
     state.broker.replace(QueuesSnapshot(
         queues={"default": QueueStats(ready=5, oldest_unacked_at=T0 - 3000),

@@ -1,5 +1,6 @@
 """The broker part of the model and its metrics, driven by hand: no broker, no I/O."""
 import json
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -57,6 +58,7 @@ def test_a_poll_replaces_the_whole_set_and_a_failure_drops_the_values(state):
     }, taken_at=T0, connections=4))
     m = scrape(state)
     assert m.value("celery_broker_up", broker="amqp://u:***@h//") == 1
+    assert m.value("celery_broker_consumers_known") == 1  # the broker counts them
     assert (m.value("celery_queue_length", queue_name="a"), m.value("celery_queue_unacked", queue_name="a"),
             m.value("celery_active_consumer_count", queue_name="a")) == (3, 1, 0)
     assert m.value("celery_queue_messages_published_total", queue_name="a") == 7
@@ -97,10 +99,20 @@ def test_redis_priorities_unacked_age_and_visibility_timeout(state):
     assert m.find("celery_queue_messages_published_total") == []  # RabbitMQ only
 
 
-def test_redis_consumers_come_from_the_workers_queues_absent_when_unknown(state):
+def test_redis_consumers_come_from_the_workers_queues_absent_only_when_unknown(state):
     state.broker.configure(kind="redis", broker="redis://h:6379/1")
     state.broker.replace(redis_snapshot(work=QueueStats(ready=0), hole=QueueStats(ready=5)))
-    assert scrape(state).find("celery_active_consumer_count") == []  # nobody knows: absent, not 0
+    m = scrape(state)
+    assert m.find("celery_active_consumer_count") == []  # no remote-control poll yet: unknown, absent
+    assert m.value("celery_broker_consumers_known") == 0
+
+    now = time.time()
+    state.remote_control_polled(now, valid_for=60)  # a poll that no worker answered: none consumes anything
+    m = scrape(state)
+    assert m.value("celery_broker_consumers_known") == 1
+    assert m.value("celery_active_consumer_count", queue_name="hole") == 0
+    assert m.value("celery_active_consumer_count", queue_name="work") == 0
+    assert state.broker.consumers_from_workers(state, now + 61) is None  # polls stopped succeeding: unknown
 
     state.worker_queues = {"w1@h": frozenset({"work"}), "w2@h": frozenset({"work", "other"})}
     m = scrape(state)
