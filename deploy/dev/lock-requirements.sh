@@ -8,7 +8,7 @@
 #
 # Run it after every change of those requirements (tests/deploy/test_dockerfile.py fails
 # until the lock matches pyproject.toml again), and to take newer releases, e.g. for a fix
-# that pip-audit (tests/deploy/test_requirements_audit.py) asks for. Needs PyPI.
+# that pip-audit (tests/image/test_lock_audit.py) asks for. Needs PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v uv >/dev/null || { echo "lock-requirements: needs uv (pip install uv)" >&2; exit 1; }

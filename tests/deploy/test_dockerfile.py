@@ -1,7 +1,9 @@
 """The Dockerfile, checked with hadolint (no Docker engine here) and against the project.
 
-The image must install the project exactly as users and CI do (`pip install .`), carry the
-pyproject version, run as non-root without build tools, and expose the exporter.
+The image must install the project as users and CI do (pip building it from the source tree),
+with every dependency pinned and hash-checked from requirements.lock (which must match
+pyproject.toml), carry the pyproject version, run as non-root without build tools, and expose
+the exporter. tests/image/ builds and runs it.
 """
 from __future__ import annotations
 
@@ -148,22 +150,167 @@ def test_multi_stage_with_pinned_slim_python(instructions):
     assert final_image == builder_image, "builder and final stage must share the base (the venv is copied)"
 
 
-def test_install_command_is_pip_install_dot(instructions):
+LOCK = ROOT / "requirements.lock"
+LOCK_INSTALL = ["pip", "install", "--require-hashes", "-r", "requirements.lock"]
+PROJECT_INSTALL = ["pip", "install", "--no-deps", "--no-build-isolation", "."]
+
+
+def test_installs_the_hashed_lock_then_the_project_like_users_do(instructions):
     builder, final = stages(instructions)
     builder_pips = [
         p for ins in builder if ins.cmd == "RUN" for p in pip_install_commands(shell_commands(ins.args))
     ]
-    # exactly one pip install in the builder, and it is the project's documented command
-    assert builder_pips == [["pip", "install", "."]], builder_pips
+    # Exactly two installs: every dependency pinned and hash-checked from the lock, then the
+    # project from the same source tree as the README's `pip install .` (built by pip, with the
+    # locked setuptools and wheel), adding nothing unpinned (--no-deps).
+    assert builder_pips == [LOCK_INSTALL, PROJECT_INSTALL], builder_pips
     final_pips = [
         p for ins in final if ins.cmd == "RUN" for p in pip_install_commands(shell_commands(ins.args))
     ]
     assert final_pips == [], f"the final stage must not install with pip: {final_pips}"
-    # what `pip install .` needs is in the build context and copied in
-    copied = " ".join(ins.args for ins in builder if ins.cmd == "COPY")
+    project_run = next(ins.args for ins in builder if ins.cmd == "RUN" and "--no-deps" in ins.args)
+    assert ["pip", "check"] in shell_commands(project_run), "the build must prove the lock satisfies the project"
+    # what each install needs is in the build context and copied in before it
+    order = [(ins.cmd, ins.args) for ins in builder if ins.cmd in ("COPY", "RUN")]
+    lock_copy = next(i for i, (cmd, args) in enumerate(order) if cmd == "COPY" and "requirements.lock" in args)
+    lock_run = next(i for i, (cmd, args) in enumerate(order) if cmd == "RUN" and "requirements.lock" in args)
+    project_at = next(i for i, (cmd, args) in enumerate(order) if cmd == "RUN" and "--no-deps" in args)
+    assert lock_copy < lock_run < project_at, order
+    copied = " ".join(args for cmd, args in order[:project_at] if cmd == "COPY")
     needed = ["pyproject.toml", pyproject()["project"]["readme"], "celery_health_exporter"]
     for name in needed:
         assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", copied), f"{name} is not copied in the builder"
+
+
+# ------------------------------------------------------------------ the lock ---
+# The image's platform, as the lock was resolved for it (deploy/dev/lock-requirements.sh).
+IMAGE_MARKERS = {"python_version": "3.11", "python_full_version": "3.11.0", "implementation_name": "cpython",
+                 "platform_python_implementation": "CPython", "sys_platform": "linux", "os_name": "posix",
+                 "platform_system": "Linux", "platform_machine": "x86_64"}
+
+
+@dataclass
+class Pin:
+    version: str
+    hashes: list[str]
+    via: list[str]  # the lock's annotations: who requires it
+
+
+def parse_lock(text: str) -> dict[str, Pin]:
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, Pin] = {}
+    current = None
+    in_via = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        entry = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", raw)
+        if entry:
+            current = pins.setdefault(canonicalize_name(entry.group(1)), Pin(entry.group(2), [], []))
+            in_via = False
+        elif line.startswith("--hash=sha256:") and current is not None:
+            current.hashes.append(line.split(":", 1)[1].rstrip(" \\"))
+        elif line.startswith("# via") and current is not None:
+            rest = line[len("# via"):].strip()
+            in_via = not rest
+            if rest:
+                current.via.append(rest)
+        elif in_via and line.startswith("#   "):
+            current.via.append(line[4:].strip())
+        elif line and not line.startswith("#"):
+            raise AssertionError(f"requirements.lock: unexpected line {raw!r}")
+    return pins
+
+
+def _roots() -> list:
+    from packaging.requirements import Requirement
+
+    data = pyproject()
+    return [Requirement(r) for r in [*data["project"]["dependencies"], *data["build-system"]["requires"]]]
+
+
+def test_lock_pins_every_requirement_of_pyproject_with_hashes_in_range():
+    from packaging.utils import canonicalize_name
+
+    text = LOCK.read_text()
+    assert "deploy/dev/lock-requirements.sh" in "\n".join(text.splitlines()[:3]), "the lock names its regeneration"
+    pins = parse_lock(text)
+    for name, pin in pins.items():
+        assert pin.hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in pin.hashes), f"{name}: no sha256 hashes"
+    for req in _roots():
+        if req.marker is not None and not req.marker.evaluate(IMAGE_MARKERS):
+            continue
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin is not None, f"pyproject requires {req}, the lock has no {req.name} (run deploy/dev/lock-requirements.sh)"
+        assert req.specifier.contains(pin.version, prereleases=True), \
+            f"the lock pins {req.name}=={pin.version}, outside pyproject's {req} (run deploy/dev/lock-requirements.sh)"
+
+
+def _installed_requirements(name: str, version: str, extras: set[str]) -> list | None:
+    """This machine's metadata of ``name`` when it is installed at the locked version (offline and not
+    written by the lock tool), else None."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        return None
+    if dist.version != version:
+        return None
+    found = []
+    for raw in dist.requires or []:
+        req = Requirement(raw)
+        if req.marker is None or any(req.marker.evaluate({**IMAGE_MARKERS, "extra": e}) for e in extras or {""}):
+            found.append(req)
+    return found
+
+
+def test_lock_holds_the_transitive_requirements_and_nothing_unrelated():
+    """The closure of pyproject's requirements, walked through the dependencies' own metadata where this
+    machine has the locked version installed, and through the lock's `# via` annotations elsewhere, is
+    exactly the set of pins; every pinned version is inside each requirer's range."""
+    from packaging.utils import canonicalize_name
+
+    pins = parse_lock(LOCK.read_text())
+    via_children: dict[str, set[str]] = {}
+    for child, pin in pins.items():
+        for parent in pin.via:
+            if not parent.startswith(("celery-health-exporter", "-r ")):
+                via_children.setdefault(canonicalize_name(parent), set()).add(child)
+
+    reached: dict[str, set[str]] = {}  # name -> extras asked for
+    todo = [(req, "pyproject.toml") for req in _roots()]
+    from_metadata, problems = set(), []
+    while todo:
+        req, requirer = todo.pop()
+        name = canonicalize_name(req.name)
+        pin = pins.get(name)
+        if pin is None:
+            problems.append(f"{requirer} requires {req}: not in the lock")
+            continue
+        if not req.specifier.contains(pin.version, prereleases=True):
+            problems.append(f"{requirer} requires {req}: the lock pins {pin.version}")
+        extras = set(req.extras)
+        if name in reached and extras <= reached[name]:
+            continue
+        reached[name] = reached.get(name, set()) | extras
+        metadata = _installed_requirements(name, pin.version, reached[name])
+        if metadata is not None:
+            from_metadata.add(name)
+            todo += [(child, f"{name}=={pin.version}") for child in metadata]
+        else:
+            from packaging.requirements import Requirement
+
+            todo += [(Requirement(child), f"{name} (lock annotation)") for child in via_children.get(name, ())]
+    assert not problems, "\n".join(problems)
+    unrelated = sorted(set(pins) - set(reached))
+    assert not unrelated, f"the lock pins what nothing in pyproject needs: {unrelated}"
+    # the check above must not rest on the lock's own annotations alone
+    assert len(from_metadata) >= len(pins) // 2, (
+        f"only {sorted(from_metadata)} of {len(pins)} pins could be checked against installed metadata: "
+        "reinstall the project (`pip install -e .[test]`) or regenerate the lock")
 
 
 def _project_installs(text: str) -> list[str]:
@@ -244,11 +391,19 @@ def test_expose_healthcheck_entrypoint(instructions):
         by_cmd.setdefault(ins.cmd, []).append(ins.args)
     assert by_cmd.get("EXPOSE") == [str(PORT)]
     (health,) = by_cmd["HEALTHCHECK"]
-    exec_form = json.loads(health[health.index("CMD") + 3 :].strip())
-    assert exec_form[0] == "python", exec_form
-    assert f"http://127.0.0.1:{PORT}/healthz" in exec_form[-1]
-    # the check itself is valid Python
-    compile(exec_form[-1], "<healthcheck>", "exec")
+    options, _, command = health.partition("CMD")
+    # our own subcommand: it follows --listen-address and --web-config-file and asks /readyz
+    assert json.loads(command.strip()) == ["celery-health-exporter", "healthcheck"], command
+    seconds = {}
+    for option in options.split():
+        key, _, value = option.removeprefix("--").partition("=")
+        seconds[key] = float(value[:-1]) if value.endswith("s") else float(value)
+    # production values: checks frequent enough to matter, not so frequent that they cost; a
+    # timeout under the interval; a start period for the first broker connection. Docker 20.10
+    # (Debian's, which builds the image in CI) knows no --start-interval.
+    assert set(seconds) == {"interval", "timeout", "start-period", "retries"}, seconds
+    assert 10 <= seconds["interval"] <= 60 and 1 <= seconds["timeout"] < seconds["interval"], seconds
+    assert 15 <= seconds["start-period"] <= 300 and 2 <= seconds["retries"] <= 5, seconds
     (entry,) = by_cmd["ENTRYPOINT"]
     scripts = pyproject()["project"]["scripts"]
     assert json.loads(entry) == ["celery-health-exporter"]
