@@ -45,3 +45,38 @@ def test_demo_fills_metrics_and_ctrl_c_stops_everything(tmp_path):
     assert code == 0
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants), 20,
              message="every demo process gone")
+
+
+def test_demo_without_broker_url_uses_the_local_redis_and_says_so(tmp_path):
+    """The README command as is on a machine where Redis runs: the local Redis, database 14."""
+    port = free_port()
+    log_path = tmp_path / "demo.log"
+    env = {k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"}
+    with open(log_path, "wb") as log:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "celery_health_exporter", "demo", "--listen-address", f"127.0.0.1:{port}"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, 0.5, message="exporter ready")
+        descendants = psutil.Process(demo.pid).children(recursive=True)
+        programs = {}
+        for p in descendants:
+            try:
+                programs[p.pid] = p.name()
+            except psutil.Error:  # a pool process recycled meanwhile (--max-tasks-per-child)
+                pass
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        try:
+            code = demo.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            raise
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    first = output.splitlines()[0]
+    assert first.startswith("demo: broker: the local Redis on 127.0.0.1:6379, database 14"), output
+    assert "embedded" not in output
+    assert "redis-server" not in programs.values(), programs
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants), 20,
+             message="every demo process gone")
