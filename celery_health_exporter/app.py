@@ -33,6 +33,7 @@ def build_state(config) -> ClusterState:
         max_tracked_tasks=config.max_tracked_tasks,
         stall_after=config.stall_after,
         lost_task_grace=config.lost_task_grace,
+        task_sent_grace=config.task_sent_grace,
         caps=CardinalityCaps.from_config(config),
     )
 

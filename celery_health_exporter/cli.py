@@ -104,6 +104,10 @@ OPTIONS = [
      "is the whole revoked list, up to ~2 MB per worker); 0 = off.", "value"),
     ("--lost-task-grace", "30", "Seconds after a worker went down before its unfinished tasks count as lost.",
      "value"),
+    ("--task-sent-grace", "10", "Seconds a worker's event that ends a task not known yet (e.g. task-revoked of an "
+     "expired task, which names no task) waits for the task's task-sent, which travels over the publisher's "
+     "connection, to learn its name and queue; then it is counted under `unknown` "
+     "(celery_exporter_unattributed_task_events_total). 0 counts at once.", "value"),
     ("--broker-poll-interval", "15", "Seconds between polls of the broker's queues.", "value"),
     ("--no-broker-poll", False, "Do not poll the broker for queue lengths.", "bool"),
     ("--rabbitmq-management-url", "", "RabbitMQ management API, e.g. http://host:15672 (credentials default to "
@@ -252,6 +256,8 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
         revoked_interval=positive(_number(raw["--revoked-interval"], "--revoked-interval"), "--revoked-interval",
                                   allow_zero=True),
         lost_task_grace=positive(_number(raw["--lost-task-grace"], "--lost-task-grace"), "--lost-task-grace",
+                                 allow_zero=True),
+        task_sent_grace=positive(_number(raw["--task-sent-grace"], "--task-sent-grace"), "--task-sent-grace",
                                  allow_zero=True),
         broker_poll_interval=seconds("--broker-poll-interval"),
         broker_poll=not raw["--no-broker-poll"],

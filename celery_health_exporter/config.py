@@ -62,6 +62,7 @@ class Config:
     stall_after: float = 300.0
     revoked_interval: float = 0.0
     lost_task_grace: float = 30.0
+    task_sent_grace: float = 10.0
     # broker pollers
     broker_poll_interval: float = 15.0
     broker_poll: bool = True

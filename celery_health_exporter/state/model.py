@@ -25,6 +25,10 @@ LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 MAX_EVENT_TYPES = 64  # custom event types are user-defined strings: keep the label bounded
 CHILD_TASK_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500, 1000)
 HOOK_REASONS = ("memory", "tasks", "signal", "error")
+# Worker events that end a task and name no task: without the task's earlier events
+# they cannot be attributed to a task name and queue (see ClusterState.unattributed).
+TERMINAL_EVENTS = frozenset({"task-succeeded", "task-failed", "task-retried", "task-revoked", "task-rejected"})
+MAX_UNATTRIBUTED = 10_000  # held terminal events; past it the oldest is counted at once
 
 
 def local_utcoffset() -> float:
@@ -146,6 +150,7 @@ class ClusterState:
         max_tracked_tasks: int = 100_000,
         stall_after: float = 300.0,
         lost_task_grace: float = 30.0,
+        task_sent_grace: float = 0.0,  # the daemon passes --task-sent-grace; 0 counts at once
         caps: CardinalityCaps | None = None,
         utcoffset: float | None = None,
         now: float | None = None,
@@ -155,6 +160,7 @@ class ClusterState:
         self.cardinality = caps if caps is not None else CardinalityCaps()
         self.stall_after = stall_after
         self.lost_task_grace = lost_task_grace
+        self.task_sent_grace = task_sent_grace
         self.worker_timeout = worker_timeout
         self.purge_offline_after = purge_offline_after
         self.runtime_buckets = tuple(runtime_buckets)
@@ -190,6 +196,14 @@ class ClusterState:
         self.unpicklable: dict[tuple[str, str], int] = {}
         # (deadline, hostname, epoch that ended, which task states count as lost)
         self.pending_lost: list[tuple[float, str, int, tuple]] = []
+        # A task's task-sent comes over the publisher's connection, its other events over
+        # the worker's: a worker can discard an expired or revoked task (task-revoked,
+        # which names no task) before its task-sent arrives. Such terminal events of tasks
+        # not yet known wait here, uuid -> [(deadline, kind, event, now, ts)], up to
+        # task_sent_grace seconds for the task-sent that names them; then they are
+        # counted under "unknown" (and in unattributed_terminal_events).
+        self.unattributed: OrderedDict[str, list[tuple[float, str, dict, float, float]]] = OrderedDict()
+        self.unattributed_terminal_events = 0
         # While the exporter receives no events, a worker's silence says nothing about it.
         self.events_interrupted_at: float | None = None
 
@@ -226,10 +240,38 @@ class ClusterState:
             ts = adjusted_timestamp(event, self.utcoffset)
             if ts is not None:
                 self.event_lag.observe(max(0.0, now - ts))
-            if handler is not None:
+            if handler is not None and not self._held_for_task_sent(kind, event, now, ts):
                 handler(event, now, ts if ts is not None else now)
+                if self.unattributed and kind not in TERMINAL_EVENTS:  # it may have made a held task known
+                    held = self.unattributed.pop(text(event, "uuid") or "", None)
+                    if held is not None:
+                        self._release_unattributed(held, attributed=True)
         except MalformedEvent as exc:
             self.count_malformed(exc.reason)
+
+    def _held_for_task_sent(self, kind: str, event: dict, now: float, ts: float | None) -> bool:
+        """Hold a terminal event of a task not known yet (see ``unattributed``)."""
+        if kind not in TERMINAL_EVENTS or self.task_sent_grace <= 0:
+            return False
+        uuid = text(event, "uuid")
+        if uuid is None or uuid in self.tasks or uuid in self.finished:
+            return False
+        if uuid not in self.unattributed and len(self.unattributed) >= MAX_UNATTRIBUTED:
+            self._release_unattributed(self.unattributed.popitem(last=False)[1], attributed=False)
+        self.unattributed.setdefault(uuid, []).append(
+            (now + self.task_sent_grace, kind, event, now, ts if ts is not None else now))
+        return True
+
+    def _release_unattributed(self, held: list, attributed: bool) -> None:
+        """Apply held terminal events: after their task-sent made the task known, or
+        when the grace is over, under "unknown"."""
+        if not attributed:
+            self.unattributed_terminal_events += len(held)
+        for _deadline, kind, event, now, ts in held:
+            try:
+                self._handlers[kind](event, now, ts)
+            except MalformedEvent as exc:
+                self.count_malformed(exc.reason)
 
     def count_malformed(self, reason: str) -> None:
         self.malformed[reason] = self.malformed.get(reason, 0) + 1
@@ -373,7 +415,8 @@ class ClusterState:
 
     def expire(self, now: float) -> None:
         """Time-driven transitions: silent workers go down, their unfinished tasks
-        are declared lost after the grace period, long-gone workers are purged."""
+        are declared lost after the grace period, long-gone workers are purged,
+        terminal events still waiting for their task-sent are counted as unknown."""
         judging = self.events_interrupted_at is None
         for hostname, worker in list(self.workers.items()):
             if judging and worker.up and worker.last_heartbeat is not None and (
@@ -392,6 +435,12 @@ class ClusterState:
                 self.cardinality.hostname.forget(hostname)
         if self.pending_lost and self.pending_lost[0][0] <= now:
             self._declare_lost(now)
+        while self.unattributed:  # in arrival order, so in deadline order
+            uuid, held = next(iter(self.unattributed.items()))
+            if held[0][0] > now:
+                break
+            del self.unattributed[uuid]
+            self._release_unattributed(held, attributed=False)
 
     def _declare_lost(self, now: float) -> None:
         due = [p for p in self.pending_lost if p[0] <= now]
