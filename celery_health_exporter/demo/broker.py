@@ -45,7 +45,7 @@ def check_reachable(url: str) -> None:
     app = Celery("celery-health-exporter-demo", broker=url, set_as_current=False)
     try:
         with app.connection_for_read(connect_timeout=5) as connection:
-            connection.ensure_connection(max_retries=1, timeout=5)
+            connection.ensure_connection(max_retries=0, timeout=5)  # one attempt, no retry
     except ImportError as exc:
         raise DemoError(f"the broker {mask_url(url)} needs a Python package that is missing: "
                         f"{describe_error(exc)}") from None
