@@ -71,6 +71,7 @@ CONTRACT_METRICS = {
     "celery_queue_oldest_unacked_age_seconds",
     "celery_broker_visibility_timeout_seconds",
     "celery_active_consumer_count",
+    "celery_broker_consumers_known",
     "celery_queue_consumer_utilisation",
     "celery_queue_messages_published_total",
     "celery_queue_messages_delivered_total",
@@ -101,9 +102,10 @@ HISTOGRAMS = {
     "celery_worker_child_tasks",
     "celery_publish_duration_seconds",
 }
-# Series not from our contract that queries may use: Prometheus' own ALERTS and the standard
-# process_* metrics of the exporter (prometheus_client).
-BUILTIN_SERIES = {"ALERTS", "process_resident_memory_bytes", "process_cpu_seconds_total"}
+# Series not from our contract that queries may use: Prometheus' own ALERTS and `up` (the scrape's
+# health, which CeleryExporterDown reads) and the standard process_* metrics of the exporter
+# (prometheus_client).
+BUILTIN_SERIES = {"ALERTS", "up", "process_resident_memory_bytes", "process_cpu_seconds_total"}
 
 
 def allowed_series() -> set[str]:
@@ -114,8 +116,11 @@ def allowed_series() -> set[str]:
 
 
 # The alerts issue 6 asks for (names are ours; CeleryWorkerDown and CeleryTaskHighFailRate are
-# also the celery-mixin's).
+# also the celery-mixin's), and the two for series that disappear in a failure: the exporter down,
+# and consumer counts unknown on Redis.
 REQUIRED_ALERTS = {
+    "CeleryExporterDown",
+    "CeleryQueueConsumersUnknown",
     "CeleryWorkerDown",
     "CeleryWorkerRestartLoop",
     "CeleryWorkerUncleanShutdown",
