@@ -176,6 +176,8 @@ def manifest_problems(doc: dict, kube_version: str) -> list[str]:
         problems += [f"{ident} (CRD schema {key[0]}): {_path(e.absolute_path)}: {e.message}" for e in errors]
     elif key in CUSTOM_KINDS:
         problems.append(f"{ident}: no served version {key[0]} in the vendored CRD schemas")
+    elif kube_version not in shipped_kube_versions():
+        problems.append(f"{ident}: kubernetes-validate {kv.__version__} has no schemas for Kubernetes {kube_version}")
     else:
         try:
             kv.validate(doc, kube_version, strict=True)
@@ -271,6 +273,12 @@ def test_broken_prometheus_rule_is_rejected():
     assert f"{ident}: spec.groups: duplicate entry with {{'name': \"'g'\"}} (list-type map)" in problems
     assert any(p.startswith(f"{ident}: spec.groups[0].rules[0].for: '5 minutes' does not match") for p in problems)
     assert f"{ident}: spec.groups[2]: 'name' is a required property" in problems
+
+
+def test_a_kubernetes_version_without_schemas_is_reported(rendered):
+    doc = rendered["default values"][0]
+    (problem,) = [p for p in manifest_problems(doc, "1.2") if "API server rules" not in p]
+    assert "no schemas for Kubernetes 1.2" in problem
 
 
 def test_unknown_custom_kind_version_is_reported():
