@@ -1,0 +1,92 @@
+"""A real Docker engine for the image tests: started with deploy/dev/start-docker.sh, the stand-in
+base built with deploy/dev/build-base-image.sh, and the image built from the unmodified Dockerfile
+with the legacy builder (no BuildKit, no registry)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.harness import ROOT
+
+IMAGE = "celery-health-exporter:test"
+START_DOCKER = ROOT / "deploy" / "dev" / "start-docker.sh"
+BUILD_BASE = ROOT / "deploy" / "dev" / "build-base-image.sh"
+
+
+@dataclass
+class Docker:
+    env: dict
+    timings: dict = field(default_factory=dict)  # step -> seconds
+    containers: list = field(default_factory=list)
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, env=self.env,
+                              **kwargs)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        return proc
+
+    def inspect(self, obj: str) -> dict:
+        return json.loads(self.run("inspect", obj).stdout)[0]
+
+    def start(self, *args: str, name_prefix: str = "che-test") -> str:
+        """docker run -d; the container is removed when the session ends."""
+        name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
+        self.containers.append(name)
+        self.run("run", "-d", "--name", name, "--label", "celery-health-exporter-test=1", *args)
+        return name
+
+    def health(self, name: str) -> dict:
+        state = self.inspect(name)["State"]
+        if not state["Running"]:
+            raise AssertionError(f"container {name} stopped ({state['Status']}, exit {state['ExitCode']}):\n"
+                                 f"{self.logs(name)}")
+        return state.get("Health") or {}
+
+    def logs(self, name: str) -> str:
+        proc = self.run("logs", name, check=False)
+        return (proc.stdout + proc.stderr)[-4000:]
+
+    def remove_all(self):
+        if self.containers:
+            self.run("rm", "-f", "-v", *self.containers, check=False)
+            self.containers.clear()
+
+
+def start_engine() -> Docker:
+    """The engine, or a loud skip when none can start (the only reason to skip the image tests)."""
+    try:
+        proc = subprocess.run(["bash", str(START_DOCKER)], capture_output=True, text=True, timeout=180)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        proc = subprocess.CompletedProcess([], 1, "", f"start-docker.sh did not finish: {exc}")
+    found = re.search(r"^export DOCKER_HOST=(\S+)$", proc.stdout, re.M)
+    if proc.returncode != 0 or not found:
+        reason = f"no Docker engine can start here: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+        warnings.warn(reason + " -- the image is NOT tested", UserWarning, stacklevel=1)
+        pytest.skip(reason)
+    return Docker({**os.environ, "DOCKER_HOST": found.group(1), "DOCKER_BUILDKIT": "0"})
+
+
+def build_image(docker: Docker, log_dir) -> str:
+    """The stand-in base (skipped when it exists), then the image from the unmodified Dockerfile."""
+    started = time.monotonic()
+    base = subprocess.run(["bash", str(BUILD_BASE)], capture_output=True, text=True, timeout=900, env=docker.env)
+    docker.timings["base image"] = time.monotonic() - started
+    assert base.returncode == 0, f"build-base-image.sh failed:\n{base.stdout[-2000:]}\n{base.stderr[-3000:]}"
+
+    started = time.monotonic()
+    build = docker.run("build", "-t", IMAGE, str(ROOT), timeout=900, check=False)
+    docker.timings["docker build"] = time.monotonic() - started
+    (log_dir / "docker-build.log").write_text(build.stdout + build.stderr)
+    assert build.returncode == 0, f"docker build failed:\n{build.stdout[-4000:]}\n{build.stderr[-3000:]}"
+    # rebuilds leave the previous image untagged: drop those (not the build cache of the current one)
+    docker.run("image", "prune", "--force", check=False)
+    return IMAGE
