@@ -88,21 +88,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def die_with_parent():
-    """preexec_fn: on Linux the child gets SIGTERM when the demo dies, even of SIGKILL,
-    so no redis-server or worker outlives it. Elsewhere a no-op."""
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    """libc's prctl, looked up in the demo itself (never between fork and exec); None off Linux."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return
+        return None
 
 
 def preexec():
-    """The preexec_fn for the demo's children (None where it would do nothing)."""
-    return die_with_parent if sys.platform.startswith("linux") else None
+    """A preexec_fn for the demo's children: on Linux each child gets SIGTERM when the
+    demo dies, even of SIGKILL, so no redis-server or worker outlives it; None elsewhere."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def die_with_parent():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the demo died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return die_with_parent
 
 
 class EmbeddedRedis:
