@@ -23,9 +23,14 @@ def make_exporter(tmp_path):
 
 @pytest.fixture
 def make_worker(tmp_path):
+    """Start real Celery workers; ``celery=`` picks the Celery version they run on (one of
+    tests.celery_versions.WORKER_CELERY; the newest, this Python's, by default)."""
+    from tests.celery_versions import NEWEST, python_for
+
     started = []
 
-    def start(broker_url, name, **kwargs):
+    def start(broker_url, name, *, celery=NEWEST, **kwargs):
+        kwargs.setdefault("python", python_for(celery))
         worker = WorkerProcess(broker_url, name, log_path=tmp_path / f"worker-{name}.log", **kwargs)
         started.append(worker)
         return worker

@@ -249,16 +249,22 @@ class ExporterProcess:
 
 
 class WorkerProcess:
-    """A real Celery worker (prefork pool) in its own process group."""
+    """A real Celery worker (prefork pool) in its own process group.
+
+    ``python`` runs it with another interpreter (a venv with another Celery, see
+    tests/celery_versions.py); the default is the one running the tests. The app module
+    is imported from the work tree (the worker's cwd) either way.
+    """
 
     def __init__(self, broker_url: str, name: str, *, queues: str | None = None, concurrency: int = 2,
                  extra: tuple = (), log_path: Path, env: dict | None = None, app: str = "tests.apps.testapp",
-                 task_events: bool = True):
+                 task_events: bool = True, python: str | None = None):
         self.name = name
         self.hostname = f"{name}@{HOST}"
+        self.python = python or sys.executable
         self.log_path = log_path
         self.log_file = open(log_path, "ab")
-        args = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", str(concurrency),
+        args = [self.python, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", str(concurrency),
                 *(["-E"] if task_events else []), "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "-l", "info", *extra]
         if queues:
             args += ["-Q", queues]
