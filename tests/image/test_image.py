@@ -44,19 +44,29 @@ def broker(request):
     made.close()
 
 
+def wait_on(docker, name: str, predicate, message: str, timeout: float = 120):
+    """wait_for, and on a timeout the container's health log and output in the failure."""
+    try:
+        return wait_for(predicate, timeout, message=f"{name}: {message}")
+    except AssertionError as exc:
+        health = docker.inspect(name)["State"].get("Health") or {}
+        checks = "\n".join(f"  {e['ExitCode']}: {e['Output'].strip()}" for e in health.get("Log", []))
+        raise AssertionError(f"{exc}\nhealth checks:\n{checks}\nlogs:\n{docker.logs(name)}") from None
+
+
 def wait_healthy(docker, name: str, base: str, context=None, auth=None) -> dict:
     """/readyz 200, celery_broker_up 1, then Docker's health status `healthy`; returns the health."""
-    wait_for(lambda: docker.health(name) is not None and get(base + "/readyz", context)[0] == 200, 120,
-             message=f"{name}: /readyz 200")
+    wait_on(docker, name, lambda: docker.health(name) is not None and get(base + "/readyz", context)[0] == 200,
+            "/readyz 200")
 
     def broker_up():
         status, body = get(base + "/metrics", context, auth)
         assert status == 200, (status, body[:200])
         return Metrics(body).sum("celery_broker_up") == 1 and Metrics(body).find("celery_broker_up")
 
-    wait_for(broker_up, 120, message=f"{name}: celery_broker_up 1")
-    return wait_for(lambda: (h := docker.health(name)).get("Status") == "healthy" and h, 120,
-                    message=f"{name}: docker health `healthy` (logs: {docker.logs(name)[-500:]})")
+    wait_on(docker, name, broker_up, "celery_broker_up 1")
+    return wait_on(docker, name, lambda: (h := docker.health(name)).get("Status") == "healthy" and h,
+                   "docker health `healthy`")
 
 
 def test_runs_on_a_non_default_port_and_docker_sees_it_healthy(docker, image, broker):
@@ -105,9 +115,9 @@ def test_an_exporter_that_is_not_ready_turns_unhealthy(docker, image):
     name = docker.start("--network", "host", "--health-interval", "1s", "--health-timeout", "10s",
                         "--health-retries", "2", "--health-start-period", "1s", image,
                         "--broker-url", f"redis://127.0.0.1:{closed}/0", "--listen-address", f"127.0.0.1:{port}")
-    wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 503, 120, message="/readyz 503")
-    health = wait_for(lambda: (h := docker.health(name)).get("Status") == "unhealthy" and h, 120,
-                      message="docker health `unhealthy`")
+    wait_on(docker, name, lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 503, "/readyz 503")
+    health = wait_on(docker, name, lambda: (h := docker.health(name)).get("Status") == "unhealthy" and h,
+                     "docker health `unhealthy`")
     last = health["Log"][-1]
     assert last["ExitCode"] == 1 and f"http://127.0.0.1:{port}/readyz: 503" in last["Output"], last
 
