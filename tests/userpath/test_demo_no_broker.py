@@ -34,9 +34,9 @@ METRICS_URL = "http://127.0.0.1:9808/metrics"
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None)
+    path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is needed to run the demo without a network (Debian: util-linux / iproute2)")
+        pytest.fail(f"{name} is needed to run the demo without a network (Debian: util-linux)")
     return path
 
 
@@ -84,11 +84,10 @@ class Namespace:
 
 def start_in_namespace(venv, env: dict, *command: str, log, new_session: bool = False) -> subprocess.Popen:
     """`command` (resolved on env's PATH) in a new network namespace whose loopback is up.
-    unshare and sh exec, so the returned process is the command itself."""
+    unshare and the probe exec, so the returned process is the command itself."""
     if os.geteuid() != 0:
         pytest.fail("a network namespace needs root (unshare --net)")
-    return subprocess.Popen([_tool("unshare"), "--net", "--", "/bin/sh", "-c",
-                             f'{_tool("ip")} link set lo up && exec "$@"', "sh", *command],
+    return subprocess.Popen([_tool("unshare"), "--net", "--", venv.python, PROBE, "up-lo-exec", *command],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
