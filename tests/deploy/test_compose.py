@@ -1,8 +1,12 @@
 """deploy/compose: the docker-compose playground and the Prometheus/Grafana files it mounts.
 
-No Docker engine here, so the file is checked for what `docker compose up` relies on:
-services and commands consistent with the demo, mounts that exist, a Prometheus config
-that promtool accepts with the shipped rules, Grafana provisioning that points at them.
+The file is checked for what `docker compose up` relies on: services and commands consistent
+with the demo, mounts that exist, a Prometheus config that promtool accepts with the shipped
+rules, Grafana provisioning that points at them. Then the services built from the project's
+image (workers, traffic, exporter) run for real: there is no `docker compose` here and no
+registry (RabbitMQ, Prometheus and Grafana images cannot be pulled), so each service definition
+becomes the `docker run` that compose would make of it, with host networking and the machine's
+RabbitMQ or Redis instead of the `rabbitmq` service (tests/image/ builds the image).
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.harness import HOST, Metrics, free_port, http_get, make_broker, wait_for
+from tests.image.docker import docker, image  # noqa: F401 - the engine (skips loudly without one) and the image
 
 from .conftest import ALERTS_FILE, COMPOSE_DIR, GRAFANA_DIR, ROOT, source_dashboards
 
@@ -192,3 +199,66 @@ def test_dashboards_load_under_file_provisioning():
             else:
                 assert uid in provisioned, f"{path.name}: datasource {uid!r} is not provisioned"
     assert len(set(uids)) == len(uids), "dashboard uids must be unique"
+
+
+# ------------------------------------------------------------- run for real ---
+IMAGE_SERVICES = ("worker1", "worker2", "traffic", "exporter")
+
+
+def docker_run_args(svc: dict, image: str, replace: dict[str, str], drop_env: tuple = ()) -> list[str]:
+    """The `docker run` arguments compose would use for ``svc`` (image, entrypoint, command,
+    environment), on the host's network: ``replace`` rewrites service addresses in values."""
+    def rewrite(value: str) -> str:
+        for old, new in replace.items():
+            value = value.replace(old, new)
+        return value
+
+    known = {"image", "build", "entrypoint", "command", "environment", "depends_on", "restart", "ports"}
+    assert set(svc) <= known, f"translate these keys too: {set(svc) - known}"
+    args = ["--network", "host"]  # ports: published as they are, no mapping to translate
+    for key, value in svc.get("environment", {}).items():
+        if key not in drop_env:
+            args += ["-e", f"{key}={rewrite(str(value))}"]
+    entrypoint = svc.get("entrypoint", [])
+    if entrypoint:
+        args += ["--entrypoint", entrypoint[0]]
+    return [*args, image, *(rewrite(a) for a in [*entrypoint[1:], *svc.get("command", [])])]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)  # the first image test of a session builds the image
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_image_services_run_against_the_local_broker(services, kind, docker, image):
+    broker = make_broker(kind)
+    port = free_port()
+    replace = {"amqp://guest:guest@rabbitmq:5672//": broker.url, "http://rabbitmq:15672": "http://127.0.0.1:15672",
+               f"0.0.0.0:{PORT}": f"0.0.0.0:{port}"}
+    drop = () if kind == "amqp" else ("CELERY_EXPORTER_RABBITMQ_MANAGEMENT_URL",)
+    names = {}
+    try:
+        for name in IMAGE_SERVICES:
+            args = docker_run_args(services[name], image, replace, drop)
+            assert services[name]["image"] == "celery-health-exporter:dev"  # what tests/image built as :test
+            names[name] = docker.start(*args, name_prefix=f"che-compose-{name}")
+
+        def workers_up_and_traffic_counted():
+            for name, container in names.items():
+                docker.health(container)  # raises, with the logs, if a service stopped
+            status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+            m = Metrics(body) if status == 200 else None
+            return m and (m.value("celery_worker_up", hostname=f"demo1@{HOST}") == 1
+                          and m.value("celery_worker_up", hostname=f"demo2@{HOST}") == 1
+                          and m.sum("celery_task_succeeded_total") >= 5
+                          and m.sum("celery_task_failed_total") >= 1) and m
+
+        try:
+            m = wait_for(workers_up_and_traffic_counted, 120, interval=1,
+                         message="both demo workers up and the traffic counted by the exporter")
+        except AssertionError as exc:
+            logs = "\n".join(f"--- {n}:\n{docker.logs(c)[-1500:]}" for n, c in names.items())
+            raise AssertionError(f"{exc}\n{logs}") from None
+        assert m.value("celery_broker_up") == 1
+    finally:
+        docker.run("rm", "-f", *names.values(), check=False)
+        broker.close()
+

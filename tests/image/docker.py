@@ -94,3 +94,23 @@ def build_image(docker: Docker, log_dir) -> str:
     # rebuilds leave the previous images untagged: drop those, not the cache of the current ones
     docker.run("image", "prune", "--force", check=False)
     return IMAGE
+
+
+# The fixtures, imported by tests/image/conftest.py and by tests/deploy/test_compose.py.
+@pytest.fixture(scope="session")
+def docker() -> Docker:
+    engine = start_engine()
+    yield engine
+    engine.remove_all()
+
+
+@pytest.fixture(scope="session")
+def image(docker, tmp_path_factory, request) -> str:
+    started = time.monotonic()
+    name = build_image(docker, tmp_path_factory.mktemp("image-build"))
+    docker.timings["engine + base + build"] = time.monotonic() - started
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("image build: " + ", ".join(f"{k} {v:.1f}s" for k, v in docker.timings.items()))
+    return name
+
