@@ -2,18 +2,47 @@
 
 One engine for the daemon's status page (``/``, ``/api/findings``) and the
 ``doctor`` command. Pure: it reads the state (the caller holds its lock) and
-returns findings, worst first. Thresholds are the ones the alert rules use,
-so that a finding and its alert agree.
+returns findings, worst first.
+
+A finding whose ``alert`` is set evaluates that alert's thresholds and has its
+severity, both read from celery_health_exporter/thresholds.py at every call (the
+rules are generated from the same module); where the state cannot compute the
+rule's window, thresholds.py says what the finding uses instead (``Alert.finding``).
+KIND_ALERT lists which finding kind stands for which alert.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
 
+from . import thresholds
+
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 RUNBOOKS = "docs/runbooks.md"
-MINGLE_BYTES_PER_ID = 40
-REVOKES_MAX_DEFAULT = 50_000
+
+# The finding kind that evaluates each alert's condition (tests/unit/test_thresholds.py checks
+# that thresholds.py's Alert.finding names the same kind).
+KIND_ALERT = {
+    "restart_loop": "CeleryWorkerRestartLoop",
+    "unclean_shutdown": "CeleryWorkerUncleanShutdown",
+    "worker_stalled": "CeleryWorkerStalled",
+    "task_running_long": "CeleryTaskRunningTooLong",
+    "recycle_storm": "CeleryWorkerChildRecycleStorm",
+    "child_memory_near_limit": "CeleryWorkerChildMemoryNearLimit",
+    "revoked_near_limit": "CeleryWorkerRevokedSetNearLimit",
+    "tasks_expired": "CeleryTasksExpiring",
+    "queue_without_consumer": "CeleryQueueWithoutConsumers",
+    "queue_consumers_unknown": "CeleryQueueConsumersUnknown",
+    "unacked_near_visibility": "CeleryQueueUnackedNearVisibilityTimeout",
+    "tasks_lost": "CeleryTasksLost",
+    "task_high_fail_rate": "CeleryTaskHighFailRate",
+    "unpicklable_exception": "CeleryTaskUnpicklableException",
+    "publish_retries": "CeleryPublishRetries",
+    "publish_policy_exceeded": "CeleryPublishRetryPolicyExceeded",
+    "orphaned_processes": "CeleryOrphanedWorkerProcesses",
+    "queue_source_down": "CeleryExporterSourceDown",
+    "event_lag": "CeleryExporterEventLagHigh",
+}
 
 
 @dataclass(frozen=True)
@@ -30,6 +59,19 @@ class Finding:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _rule(kind: str) -> thresholds.Alert:
+    return thresholds.alert(KIND_ALERT[kind])
+
+
+def _paging(kind: str, subject: str, summary: str, why: str, fix: str, metric: str, *, key: str = "",
+            ident: str = "") -> Finding:
+    """A finding that stands for an alert: its severity and alert name come from thresholds.py.
+    Its id is kind:subject (kind:key), or `ident` where an older id is kept stable."""
+    rule = _rule(kind)
+    return Finding(ident or f"{kind}:{key or subject}", kind, rule.severity, subject, summary, why, fix, metric,
+                   rule.name)
 
 
 def _mb(value: float) -> str:
@@ -63,39 +105,42 @@ def _workers(state, now: float, hint_after: float) -> list[Finding]:
     prefetched, oldest_by_worker, _ = state.in_flight()
     up = {h: w for h, w in state.workers.items() if w.up}
     idle = [h for h, w in up.items() if not w.busy and not prefetched.get(h)]
+    loop = _rule("restart_loop")
+    unclean = _rule("unclean_shutdown")
+    hoarding = thresholds.FINDINGS_ONLY["prefetch_hoarding_tasks"]
     for hostname, worker in state.workers.items():
-        if worker.restarts >= 2:
-            out.append(Finding(
-                f"restart_loop:{hostname}", "restart_loop", "critical", hostname,
+        if worker.restarts >= loop["restarts"]:
+            out.append(_paging(
+                "restart_loop", hostname,
                 f"{hostname} restarted {worker.restarts} times since the exporter started "
                 f"({worker.unclean_shutdowns} without a clean shutdown).",
                 "A worker in a restart loop runs few tasks and may crash on the same message again and again; "
                 "a supervisor keeps it 'up'.",
                 "Read the worker log just before each start: an 'Unrecoverable error' (e.g. an unpicklable "
                 "exception) or an OOM kill. Fix the cause; on Celery <= 5.2 the worker exits 0 even then.",
-                "celery_worker_restarts_total", "CeleryWorkerRestartLoop"))
-        if worker.unclean_shutdowns:
-            out.append(Finding(
-                f"unclean_shutdown:{hostname}", "unclean_shutdown", "warning", hostname,
+                "celery_worker_restarts_total"))
+        if worker.unclean_shutdowns > unclean["shutdowns"]:
+            out.append(_paging(
+                "unclean_shutdown", hostname,
                 f"{hostname} stopped {worker.unclean_shutdowns} time(s) without saying goodbye "
                 "(heartbeats stopped, no worker-offline).",
                 "Killed workers (SIGKILL, OOM killer, crash) lose the tasks they were running unless acks_late "
                 "is on.",
                 "Check the kernel log for OOM kills (dmesg) and the supervisor's stop signal and timeout "
                 "(stopwaitsecs, terminationGracePeriodSeconds).",
-                "celery_worker_unclean_shutdowns_total", "CeleryWorkerUncleanShutdown"))
+                "celery_worker_unclean_shutdowns_total"))
         if state.is_stalled(worker, now):
             age = now - oldest_by_worker[hostname] if hostname in oldest_by_worker else None
             held = f"its oldest task has run for {age:.0f}s" if age is not None else "it holds tasks"
-            out.append(Finding(
-                f"worker_stalled:{hostname}", "worker_stalled", "critical", hostname,
+            out.append(_paging(
+                "worker_stalled", hostname,
                 f"{hostname} holds {max(worker.running, worker.active or 0)} active task(s) and has finished "
                 f"none for {now - max(worker.busy_since, worker.progress_at):.0f}s; {held}.",
                 "A healthy-looking consumer that consumes nothing: its messages stay unacknowledged while the "
                 "queue grows.",
                 "Dump the stuck task's stack (py-spy dump --pid <child pid>) to find the deadlock; set "
                 "task_time_limit so a hung task is killed.",
-                "celery_worker_stalled", "CeleryWorkerStalled"))
+                "celery_worker_stalled"))
         if worker.up and not worker.flows and now - worker.first_seen > hint_after:
             out.append(Finding(
                 f"no_task_events:{hostname}", "no_task_events", "warning", hostname,
@@ -103,7 +148,7 @@ def _workers(state, now: float, hint_after: float) -> list[Finding]:
                 "Without task events there are no task counts, runtimes, lost tasks or stalls for this worker.",
                 "Start the worker with -E (or worker_send_task_events = True), or run the exporter with "
                 "--enable-events.",
-                "celery_task_received_total", "CeleryExporterNoEvents"))
+                "celery_task_received_total", ""))
         if worker.up and _version(worker.sw_ver) and _version(worker.sw_ver) < (5, 3):
             out.append(Finding(
                 f"old_celery:{hostname}", "old_celery", "warning", hostname,
@@ -111,9 +156,9 @@ def _workers(state, now: float, hint_after: float) -> list[Finding]:
                 "Celery <= 5.2 exits with code 0 after an 'Unrecoverable error': supervisors and Kubernetes do "
                 "not see the crash, and restart loops stay invisible.",
                 "Upgrade to Celery 5.3 or later (celery#7544).",
-                "celery_worker_info", "CeleryWorkerRestartLoop"))
+                "celery_worker_info", ""))
         hoarded = prefetched.get(hostname, 0)
-        if worker.up and hoarded >= 4 and any(h != hostname for h in idle):
+        if worker.up and hoarded >= hoarding and any(h != hostname for h in idle):
             others = ", ".join(sorted(h for h in idle if h != hostname)[:3])
             out.append(Finding(
                 f"prefetch_hoarding:{hostname}", "prefetch_hoarding", "warning", hostname,
@@ -130,46 +175,91 @@ def _tasks(state, now: float) -> list[Finding]:
     out = []
     _, _, oldest_by_name = state.in_flight()
     runtimes = state.runtime_by_name()
+    too_long = _rule("task_running_long")["age"]
     for name, started in oldest_by_name.items():
         age = now - started
         count, total = runtimes.get(name, (0, 0.0))
         typical = total / count if count else None
-        if age > 60 and (typical is None or age > 10 * typical):
+        if age > too_long:
             peers = f"{typical:.1f}s on average" if typical is not None else "no finished run to compare with"
-            out.append(Finding(
-                f"task_running_long:{name}", "task_running_long", "warning", name,
+            out.append(_paging(
+                "task_running_long", name,
                 f"A {name} task has been running for {age:.0f}s ({peers}).",
                 "A task far beyond its peers is often hung (a lock, a socket without timeout) and holds a pool "
                 "slot and its message.",
                 "Set soft_time_limit/time_limit on the task; find the worker with celery inspect active.",
-                "celery_task_active_oldest_age_seconds", "CeleryTaskRunningTooLong"))
+                "celery_task_active_oldest_age_seconds"))
+    lost_over = _rule("tasks_lost")["lost"]
     for (name, queue, reason), count in state.lost.items():
-        out.append(Finding(
-            f"tasks_lost:{name}:{queue}", "tasks_lost", "critical", name,
+        if count <= lost_over:
+            continue
+        out.append(_paging(
+            "tasks_lost", name,
             f"{count} {name} task(s) from queue {queue} were lost ({reason}): their worker went away before "
             "finishing them.",
             "Those tasks will never run unless something republishes them.",
             "Use acks_late=True with task_reject_on_worker_lost=True for tasks that must not be lost, and find "
             "why the worker died (unclean shutdown finding).",
-            "celery_task_lost_total", "CeleryTasksLost"))
+            "celery_task_lost_total", key=f"{name}:{queue}"))
+    unpicklable_over = _rule("unpicklable_exception")["count"]
     for (name, exception), count in state.unpicklable.items():
-        out.append(Finding(
-            f"unpicklable:{name}:{exception}", "unpicklable_exception", "critical", name,
+        if count <= unpicklable_over:
+            continue
+        out.append(_paging(
+            "unpicklable_exception", name,
             f"{name} raised {exception} {count} time(s), an exception that cannot be pickled.",
             "Before Celery 5.3 (and with Reject(exc) still) it kills the worker main process; the retry that "
             "was already published makes it a crash loop.",
             f"Make {exception} picklable: pass every __init__ argument to super().__init__(...) (or define "
             "__reduce__).",
-            "celery_task_unpicklable_exceptions_total", "CeleryTaskUnpicklableException"))
-    expired = sum(state.expired.values())
-    if expired:
-        out.append(Finding(
-            "tasks_expired", "tasks_expired", "info", "cluster",
-            f"{expired} task(s) expired before a worker could run them.",
-            "Every expired task is added to every worker's revoked set, which mingle copies at each worker "
-            "start.",
-            "Run enough workers for the queue, or give the tasks a longer expires.",
-            "celery_task_expired_total", "CeleryTasksExpiring"))
+            "celery_task_unpicklable_exceptions_total", ident=f"unpicklable:{name}:{exception}"))
+    out += _expired(state)
+    out += _fail_rates(state)
+    return out
+
+
+def _expired(state) -> list[Finding]:
+    """Per queue: above the alert's count a warning; fewer expired tasks are only said (info)."""
+    by_queue: dict[str, int] = {}
+    for (_name, queue), count in state.expired.items():
+        by_queue[queue] = by_queue.get(queue, 0) + count
+    over = _rule("tasks_expired")["expired"]
+    why = "Every expired task is added to every worker's revoked set, which mingle copies at each worker start."
+    fix = "Run enough workers for the queue, or give the tasks a longer expires."
+    out = []
+    for queue, expired in sorted(by_queue.items()):
+        summary = f"{expired} task(s) of queue {queue} expired before a worker could run them."
+        if expired > over:
+            out.append(_paging("tasks_expired", queue, summary, why, fix, "celery_task_expired_total"))
+        elif expired:
+            out.append(Finding(f"tasks_expired:{queue}", "tasks_expired", "info", queue, summary, why, fix,
+                               "celery_task_expired_total", ""))
+    return out
+
+
+def _fail_rates(state) -> list[Finding]:
+    """failed / (failed + succeeded) of each task name and queue, over every worker, since the
+    exporter started."""
+    runs: dict[tuple[str, str], list[int]] = {}
+    for worker in state.workers.values():
+        for (name, queue), flow in worker.flows.items():
+            counts = runs.setdefault((name, queue), [0, 0])
+            counts[0] += sum(flow.failed.values())
+            counts[1] += flow.succeeded
+    percent_over = _rule("task_high_fail_rate")["percent"]
+    out = []
+    for (name, queue), (failed, succeeded) in sorted(runs.items()):
+        if not failed:
+            continue
+        percent = 100 * failed / (failed + succeeded)
+        if percent > percent_over:
+            out.append(_paging(
+                "task_high_fail_rate", name,
+                f"{failed} of {failed + succeeded} runs of {name} on queue {queue} failed ({percent:.0f}%).",
+                "Failing tasks are work that does not happen; retries of them load the workers.",
+                "Read the exceptions (celery_task_failed_total by exception) and the worker log; fix the task "
+                "or what it calls.",
+                "celery_task_failed_total", key=f"{name}:{queue}"))
     return out
 
 
@@ -177,16 +267,16 @@ def _tasks(state, now: float) -> list[Finding]:
 
 def _children(state) -> list[Finding]:
     out = []
+    rule = _rule("recycle_storm")
     for hostname, worker in state.workers.items():
         replaced = sum(worker.child_replacements.values())
-        if replaced < 3:
+        if replaced < rule["replacements"]:
             continue
         hist = worker.child_tasks
         per_child = hist.sum / hist.count if hist is not None and hist.count else None
         processed = worker.processed or 0
-        storm = (per_child is not None and per_child < 10) or (per_child is None and processed
-                                                               and replaced / processed > 0.2)
-        if not storm:
+        tasks_per_replacement = per_child if per_child is not None else processed / replaced
+        if not tasks_per_replacement < rule["tasks_per_child"]:
             continue
         memory = worker.child_replacements.get("memory", 0)
         tasks = worker.child_replacements.get("tasks", 0)
@@ -204,33 +294,60 @@ def _children(state) -> list[Finding]:
             cause = "children exit for a reason the exporter cannot see (install the worker hook)"
             fix = ("Call `celery_health_exporter.hooks.worker.install(app)` in the app module to learn why "
                    "children exit.")
-        out.append(Finding(
-            f"recycle_storm:{hostname}", "recycle_storm", "critical", hostname,
+        out.append(_paging(
+            "recycle_storm", hostname,
             f"{hostname} replaces a pool child {rate} ({replaced} replacements): {cause}.",
             "Each new child re-imports the app and warms up: CPU burns and throughput can drop more than "
             "tenfold.",
-            fix, "celery_worker_child_replacements_total", "CeleryWorkerChildRecycleStorm"))
+            fix, "celery_worker_child_replacements_total"))
+    out += _child_memory(state)
+    return out
+
+
+def _child_memory(state) -> list[Finding]:
+    """The host agent's smallest pool child of a node, against that worker's max_memory_per_child."""
+    hosts = getattr(state, "hosts", None)
+    if hosts is None or not hosts.scans:
+        return []
+    ratio = _rule("child_memory_near_limit")["ratio"]
+    out = []
+    for node, rss_min in sorted(hosts.last.child_rss_min.items()):
+        worker = state.workers.get(node)
+        limit = worker.max_memory_per_child if worker is not None else None
+        if not limit or rss_min / limit <= ratio:
+            continue
+        out.append(_paging(
+            "child_memory_near_limit", node,
+            f"The smallest pool child of {node} uses {_mb(rss_min)}, {rss_min / limit:.0%} of "
+            f"max_memory_per_child ({_mb(limit)}).",
+            "A child is replaced after the task that takes it past the limit: when even a fresh child is that "
+            "large, every child is recycled after a few tasks.",
+            "Raise --max-memory-per-child well above a fresh child's RSS (or remove it); find what makes the "
+            "app that large at import.",
+            "celery_host_child_rss_min_bytes"))
     return out
 
 
 def _revoked(state) -> list[Finding]:
     out = []
     total_ids = 0
+    rule = _rule("revoked_near_limit")
     sized = [w for w in state.workers.values() if w.up and w.revoked is not None]
     for worker in sized:
         total_ids += worker.revoked
-        limit = worker.revoked_limit or REVOKES_MAX_DEFAULT
-        if worker.revoked >= 0.8 * limit:
-            out.append(Finding(
-                f"revoked_near_limit:{worker.hostname}", "revoked_near_limit", "warning", worker.hostname,
+        # unknown (no hook): Celery's default; 0: unlimited, never near it
+        limit = rule["default_limit"] if worker.revoked_limit is None else worker.revoked_limit
+        if limit and worker.revoked / limit > rule["ratio"]:
+            out.append(_paging(
+                "revoked_near_limit", worker.hostname,
                 f"{worker.hostname}'s revoked set holds {worker.revoked} ids of at most {limit}"
-                f"{'' if worker.revoked_limit else ' (Celery default assumed)'}.",
+                f"{'' if worker.revoked_limit is not None else ' (Celery default assumed)'}.",
                 "When full, the oldest revoked id is forgotten silently: a revoked task can then run.",
                 "Find why so many tasks are revoked or expire; raise CELERY_WORKER_REVOKES_MAX only with "
                 "--without-mingle.",
-                "celery_worker_revoked_tasks", "CeleryWorkerRevokedSetNearLimit"))
-    copied = len(sized) * total_ids * MINGLE_BYTES_PER_ID
-    if copied > 10 * 1024 * 1024:
+                "celery_worker_revoked_tasks"))
+    copied = len(sized) * total_ids * thresholds.FINDINGS_ONLY["mingle_bytes_per_id"]
+    if copied > thresholds.FINDINGS_ONLY["mingle_copy_bytes"]:
         out.append(Finding(
             "mingle_revoked", "mingle_revoked", "warning", "cluster",
             f"{len(sized)} workers hold {total_ids} revoked ids: with mingle on, every worker start copies about "
@@ -238,7 +355,7 @@ def _revoked(state) -> list[Finding]:
             "Mingle makes each starting worker exchange revoked sets with all others: slow starts and broker "
             "load that grow with every worker.",
             "Start workers with --without-mingle, and stop the flood of expired or revoked tasks.",
-            "celery_worker_revoked_tasks", "CeleryWorkerRevokedSetNearLimit"))
+            "celery_worker_revoked_tasks", ""))
     return out
 
 
@@ -252,43 +369,60 @@ def _queues(state, now: float) -> list[Finding]:
             "No broker poller runs: queue lengths, unacked messages and consumers are unknown.",
             "A queue that grows, or that nobody consumes, stays invisible.",
             "Run the exporter without --no-broker-poll (and with --rabbitmq-management-url on RabbitMQ).",
-            "celery_queue_length", "CeleryQueueWithoutConsumers")]
+            "celery_queue_length", "")]
     snapshot = broker.snapshot
     if not broker.up or snapshot is None:
-        return [Finding(
-            "queue_source_down", "queue_source_down", "warning", "broker",
+        return [_paging(
+            "queue_source_down", "broker",
             f"The broker poller is down: {broker.reason}.",
             "Queue lengths and consumers are unknown while it is down.",
             "Check the broker / management API address and credentials in the exporter's log.",
-            "celery_exporter_source_up", "CeleryExporterSourceDown")]
+            "celery_exporter_source_up", ident="queue_source_down")]
     out = []
     consumers_from_workers = broker.consumers_from_workers(state, now) if snapshot.consumers_from_workers else None
+    unknown_for = _rule("queue_consumers_unknown").seconds("window")
+    waiting = broker.oldest_unstarted(state, now)
+    unacked_ratio = _rule("unacked_near_visibility")["ratio"]
+    redeliveries = thresholds.FINDINGS_ONLY["redeliveries"]
+    redelivered_fraction = thresholds.FINDINGS_ONLY["redelivered_fraction"]
     for name, queue in snapshot.queues.items():
         consumers = queue.consumers
         if consumers is None and consumers_from_workers is not None:
             consumers = consumers_from_workers.get(name, 0)
+        if queue.ready > 0 and consumers is None and waiting.get(name, 0) >= unknown_for:
+            # The rule wants messages for its whole window; the state keeps no queue history, but a
+            # task waiting that long (from its task-sent or receipt) says the queue never emptied.
+            out.append(_paging(
+                "queue_consumers_unknown", name,
+                f"Queue {name} holds {queue.ready} ready message(s), one of them waiting for "
+                f"{waiting[name]:.0f}s, and its consumers are unknown.",
+                "On Redis without a working remote-control poll nobody can tell a black hole from a busy "
+                "queue.",
+                "Run the exporter with --inspect-interval above 0 and check that the poll works (its source "
+                "on the status page); then a queue without consumers is found.",
+                "celery_broker_consumers_known"))
         if queue.ready > 0 and consumers == 0:
-            out.append(Finding(
-                f"queue_without_consumer:{name}", "queue_without_consumer", "critical", name,
+            out.append(_paging(
+                "queue_without_consumer", name,
                 f"Queue {name} holds {queue.ready} ready message(s) and no worker consumes it.",
                 "Tasks routed there never run: a black hole (a typo in task_routes, or a worker started "
                 "without -Q for it).",
                 f"Start a worker with -Q {name}, or fix the route that sends tasks there.",
-                "celery_active_consumer_count", "CeleryQueueWithoutConsumers"))
+                "celery_active_consumer_count"))
         if queue.oldest_unacked_at is not None and snapshot.visibility_timeout:
             age = now - queue.oldest_unacked_at
-            if age > 0.8 * snapshot.visibility_timeout:
-                out.append(Finding(
-                    f"unacked_near_visibility:{name}", "unacked_near_visibility", "warning", name,
+            if age / snapshot.visibility_timeout > unacked_ratio:
+                out.append(_paging(
+                    "unacked_near_visibility", name,
                     f"A message of {name} has been unacknowledged for {age:.0f}s; the visibility timeout is "
                     f"{snapshot.visibility_timeout:.0f}s.",
                     "Past the visibility timeout kombu delivers it again: the task runs twice (the classic "
                     "'ETA tasks run twice').",
                     "Raise broker_transport_options visibility_timeout above your longest ETA/countdown and "
                     "runtime.",
-                    "celery_queue_oldest_unacked_age_seconds", "CeleryQueueUnackedNearVisibilityTimeout"))
-        if queue.redelivered and queue.delivered and queue.redelivered >= 10 and \
-                queue.redelivered > 0.05 * queue.delivered:
+                    "celery_queue_oldest_unacked_age_seconds"))
+        if queue.redelivered and queue.delivered and queue.redelivered >= redeliveries and \
+                queue.redelivered > redelivered_fraction * queue.delivered:
             out.append(Finding(
                 f"redeliveries:{name}", "redeliveries", "warning", name,
                 f"{queue.redelivered} of {queue.delivered} deliveries of {name} were redeliveries.",
@@ -305,25 +439,27 @@ def _publishers(state) -> list[Finding]:
     if publishers is None:
         return []
     out = []
+    exceeded_over = _rule("publish_policy_exceeded")["count"]
+    retries_over = _rule("publish_retries")["retries"]
     for name, aggregate in publishers.publishers.items():
         totals = aggregate.total()
-        if totals.exceeded:
-            out.append(Finding(
-                f"publish_policy_exceeded:{name}", "publish_policy_exceeded", "critical", name,
+        if totals.exceeded > exceeded_over:
+            out.append(_paging(
+                "publish_policy_exceeded", name,
                 f"{name} retried {totals.exceeded} publish(es) beyond task_publish_retry_policy's max_retries.",
                 "The process blocks in publish far longer than configured (a kombu bug once made it retry "
                 "forever).",
                 "Upgrade kombu, and check that task_publish_retry_policy reaches apply_async.",
-                "celery_publish_retry_policy_exceeded_total", "CeleryPublishRetryPolicyExceeded"))
-        if totals.retries:
+                "celery_publish_retry_policy_exceeded_total"))
+        if totals.retries > retries_over:
             failures = sum(totals.failures.values())
-            out.append(Finding(
-                f"publish_retries:{name}", "publish_retries", "warning", name,
+            out.append(_paging(
+                "publish_retries", name,
                 f"{name} retried publishing {totals.retries} time(s) for {totals.publishes} publish(es); "
                 f"{failures} failed for good.",
                 "Publishes that retry block web requests; failed ones are tasks that never exist.",
                 "Check the broker connection from the publishers (network, broker memory/disk alarms).",
-                "celery_publish_retries_total", "CeleryPublishRetries"))
+                "celery_publish_retries_total"))
     return out
 
 
@@ -333,35 +469,53 @@ def _hosts(state) -> list[Finding]:
         return []
     out = []
     scan = hosts.last
-    if scan.orphans:
-        out.append(Finding(
-            "orphaned_processes", "orphaned_processes", "critical", "host",
+    if scan.orphans > _rule("orphaned_processes")["processes"]:
+        out.append(_paging(
+            "orphaned_processes", "host",
             f"{scan.orphans} Celery worker process(es) have lost their main process and use "
             f"{_mb(scan.orphan_rss)} of RAM.",
             "Old workers left behind by restarts keep memory (and sometimes consume tasks) until the host "
             "runs out.",
             "Kill them (pids: " + ", ".join(str(p) for p in scan.orphan_pids[:10]) + "); in supervisor set "
             "stopasgroup=true and killasgroup=true.",
-            "celery_host_orphaned_processes", "CeleryOrphanedWorkerProcesses"))
+            "celery_host_orphaned_processes", ident="orphaned_processes"))
     return out
+
+
+def histogram_quantile(q: float, cumulative: list[tuple[str, int]]) -> float | None:
+    """Prometheus' histogram_quantile over (le, cumulative count) pairs ending with +Inf: linear
+    interpolation inside the bucket that holds the quantile (the lowest bucket starts at 0; in the
+    +Inf bucket, the highest finite bound)."""
+    if not cumulative or cumulative[-1][1] == 0:
+        return None
+    rank = q * cumulative[-1][1]
+    lower, below = 0.0, 0
+    for le, count in cumulative:
+        if count >= rank:
+            if le == "+Inf":
+                return lower
+            upper = float(le)
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = float(le), count
+    return lower
 
 
 def _exporter(state) -> list[Finding]:
     out = []
     lag = state.event_lag
-    if lag.count >= 20:
-        # the bucket holding the 95th percentile
-        target = 0.95 * lag.count
-        for le, cumulative in lag.cumulative():
-            if cumulative >= target:
-                if le == "+Inf" or float(le) > 5:
-                    out.append(Finding(
-                        "event_lag", "event_lag", "warning", "exporter",
-                        f"95% of events are processed within {le}s of being sent, above 5s.",
-                        "Counts and ages lag behind; on RabbitMQ events older than the event queue's TTL are "
-                        "dropped.",
-                        "Check the exporter's CPU (celery_exporter_* metrics) and the broker's load; see "
-                        "docs/scaling.md.",
-                        "celery_exporter_event_lag_seconds", "CeleryExporterEventLagHigh"))
-                break
+    rule = _rule("event_lag")
+    if lag.count >= thresholds.FINDINGS_ONLY["event_lag_min_events"]:
+        value = histogram_quantile(rule["quantile"], lag.cumulative())
+        if value is not None and value > rule["lag"]:
+            percent = f"{rule['quantile'] * 100:g}"
+            out.append(_paging(
+                "event_lag", "exporter",
+                f"{percent}% of events are processed within {value:.1f}s of being sent, above {rule['lag']}s.",
+                "Counts and ages lag behind; on RabbitMQ events older than the event queue's TTL are "
+                "dropped.",
+                "Check the exporter's CPU (celery_exporter_* metrics) and the broker's load; see "
+                "docs/scaling.md.",
+                "celery_exporter_event_lag_seconds", ident="event_lag"))
     return out

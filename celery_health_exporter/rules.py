@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import thresholds
-from .thresholds import ALERTS, Alert
+from .thresholds import Alert
 
 RUNBOOK_BASE = "https://github.com/celery-health-exporter/celery-health-exporter/blob/main/docs/runbooks.md#"
 ROOT = Path(__file__).resolve().parent.parent
@@ -504,13 +504,13 @@ def rendered(alert: Alert) -> dict:
 
 
 def _check_definitions() -> None:
-    names = [a.name for a in ALERTS]
+    names = [a.name for a in thresholds.ALERTS]
     if len(set(names)) != len(names):
         raise ValueError("duplicate alert names in thresholds.py")
     if set(names) != set(RULES):
         raise KeyError(f"alerts without a rule: {sorted(set(names) - set(RULES))}; "
                        f"rules without thresholds: {sorted(set(RULES) - set(names))}")
-    for a in ALERTS:
+    for a in thresholds.ALERTS:
         if a.severity not in thresholds.SEVERITIES:
             raise ValueError(f"{a.name}: severity {a.severity!r}")
         thresholds.seconds(a.for_)
@@ -547,14 +547,14 @@ def _emit_rule(rule: dict, comment: str) -> list[str]:
 def document() -> dict:
     _check_definitions()
     groups: dict[str, list] = {}
-    for a in ALERTS:
+    for a in thresholds.ALERTS:
         groups.setdefault(a.group, []).append(rendered(a))
     return {"groups": [{"name": name, "rules": rules} for name, rules in groups.items()]}
 
 
 def alerts_yaml() -> str:
     doc = document()
-    comments = {a.name: render(RULES[a.name].comment, a) for a in ALERTS}
+    comments = {a.name: render(RULES[a.name].comment, a) for a in thresholds.ALERTS}
     lines = HEADER.splitlines() + ["groups:"]
     for gi, group in enumerate(doc["groups"]):
         if gi:
@@ -574,7 +574,7 @@ def alerts_yaml() -> str:
 def runbook_table() -> str:
     rows = ["| Alert | Threshold | `for` | Severity | Finding (status page, `/api/findings`, `doctor`) |",
             "|---|---|---|---|---|"]
-    for a in ALERTS:
+    for a in thresholds.ALERTS:
         threshold = render(RULES[a.name].threshold, a).replace("|", "\\|")
         finding = a.finding.replace("|", "\\|")
         rows.append(f"| {a.name} | {threshold} | {a.for_} | {a.severity} | {finding} |")
