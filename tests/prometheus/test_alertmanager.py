@@ -302,8 +302,10 @@ def test_queue_without_consumers_reaches_the_receiver_and_hides_its_backlog(
     wait_for(lambda: metric(exporter, "celery_worker_up", hostname=worker.hostname) == 1, 60, message="worker up")
     # the exporter knows whose queues are consumed once a remote-control poll had the worker's
     # active_queues: before that, every queue counts 0 consumers
+    up = time.monotonic()
     wait_for(lambda: metric(exporter, "celery_active_consumer_count", queue_name=busy) == 1, 60,
              message="the worker counted as the consumer of its queue")
+    print(f"worker counted as its queue's consumer {time.monotonic() - up:.1f}s after it was up")
     app = client(redis_broker.url)
     for i in range(5):
         app.send_task("tests.add", (i, i), queue=busy)  # the worker works: only the idle queue is wrong
