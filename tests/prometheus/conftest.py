@@ -382,6 +382,13 @@ class AlertmanagerServer(_Daemon):
         with urllib.request.urlopen(self.url + "/api/v2/alerts", timeout=10) as resp:
             return json.load(resp)
 
+    def post_alerts(self, alerts: list[dict]) -> None:
+        """POST /api/v2/alerts, as Prometheus does (labels, annotations, startsAt, endsAt)."""
+        request = urllib.request.Request(self.url + "/api/v2/alerts", data=json.dumps(alerts).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200, resp.status
+
     def matching(self, alertname: str, **labels: str) -> list[dict]:
         return [a for a in self.alerts()
                 if a["labels"].get("alertname") == alertname and all(a["labels"].get(k) == v for k, v in labels.items())]

@@ -156,6 +156,100 @@ def test_the_test_config_differs_from_the_shipped_one_only_in_urls_and_timings()
     assert test["route"]["group_wait"] == "1s" and test["route"]["routes"][0]["repeat_interval"] == "2s"
 
 
+# ------------------------------------- every inhibit rule in a real Alertmanager ---
+MATCHER = re.compile(r'\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*')
+
+
+def _parse(matchers: list[str]) -> list[tuple[str, str, str]]:
+    parsed = []
+    for matcher in matchers:
+        m = MATCHER.fullmatch(matcher)
+        assert m, f"cannot read matcher {matcher!r}"
+        parsed.append(m.groups())
+    return parsed
+
+
+def _matches(labels: dict, matchers: list[tuple[str, str, str]]) -> bool:
+    ops = {"=": lambda v, x: v == x, "!=": lambda v, x: v != x,
+           "=~": lambda v, x: re.fullmatch(x, v) is not None, "!~": lambda v, x: re.fullmatch(x, v) is None}
+    return all(ops[op](labels.get(name, ""), value) for name, op, value in matchers)
+
+
+def identity(alertname: str) -> set[str]:
+    """The labels that say WHICH worker, queue, task, exporter... an alert is about: those its
+    summary and description name ({{ $labels.x }}), but job."""
+    annotations = shipped_rules()[alertname]["annotations"]
+    return set(re.findall(r"\$labels\.(\w+)", annotations["summary"] + annotations["description"])) - {"job"}
+
+
+def inhibition_cases() -> list[tuple[int, dict, dict, list[dict]]]:
+    """(rule index, source, target, controls) label sets for every alert of alerts.yaml that an
+    inhibit rule of the shipped config can mute. Source and target carry the same values of the
+    rule's `equal` labels and of the identity labels both alerts have; each control is the
+    target about another cluster, or another worker / queue / exporter (one identity label
+    changed). Labels the source matchers test besides alertname / severity (source="events")
+    are set on the source."""
+    rules = shipped_rules()
+    cases = []
+    for index, rule in enumerate(shipped_config()["inhibit_rules"]):
+        source_m, target_m = _parse(rule["source_matchers"]), _parse(rule["target_matchers"])
+        named = [(n, op, v) for n, op, v in source_m if n in ("alertname", "severity")]
+        extra = {n: v.split("|")[0] for n, op, v in source_m if n not in ("alertname", "severity") and op in ("=", "=~")}
+        for target_name, target_rule in rules.items():
+            target = {"alertname": target_name, "severity": target_rule["labels"]["severity"]}
+            if not _matches(target, target_m):
+                continue
+            if any(n == "alertname" for n, _, _ in named):
+                source_name = next(n for n, r in rules.items() if _matches(
+                    {"alertname": n, "severity": r["labels"]["severity"]}, named))
+                source = {"alertname": source_name, "severity": rules[source_name]["labels"]["severity"]}
+            else:  # a tier rule: the same alert at the source's severity
+                source_name = target_name
+                source = {"alertname": target_name, **{n: v for n, op, v in named if op == "="}}
+            both = identity(source_name) & identity(target_name)
+            shared = {label: f"{label}-{index}-{target_name}".lower()
+                      for label in (set(rule["equal"]) | both) - {"alertname"}}
+            source, target = {**shared, **source, **extra}, {**shared, **target}
+            controls = [{**target, label: target[label] + "-other"} for label in sorted(both | {"cluster"})]
+            cases.append((index, source, target, controls))
+    return cases
+
+
+def test_every_inhibit_rule_mutes_its_targets_and_nothing_else(alertmanager_factory, webhook):
+    """Each inhibit rule in a real Alertmanager (the shipped file), with the alerts it is meant for
+    posted to its API as Prometheus would: the target is suppressed by the source, the same
+    target for another cluster, worker, queue or exporter is not."""
+    config = shipped_config()
+    cases = inhibition_cases()
+    covered = {index for index, *_ in cases}
+    assert covered == set(range(len(config["inhibit_rules"]))), f"inhibit rules that mute no alert: {covered}"
+    am = alertmanager_factory(shipped_alertmanager_config(webhook.url, **TIMINGS))
+    now = time.time()
+    stamp = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    alerts = [{"labels": labels, "annotations": {}, "startsAt": stamp(now - 60), "endsAt": stamp(now + 600)}
+              for _, source, target, controls in cases for labels in (source, target, *controls)]
+    am.post_alerts(alerts)
+
+    def key(labels: dict) -> tuple:
+        return tuple(sorted(labels.items()))
+
+    def states() -> dict[tuple, dict] | None:
+        held = {key(a["labels"]): a for a in am.alerts()}
+        return held if all(key(a["labels"]) in held for a in alerts) else None
+
+    held = wait_for(states, 30, 0.2, "Alertmanager holding every posted alert")
+    wrong = []
+    for index, source, target, controls in cases:
+        status = held[key(target)]["status"]
+        if status["state"] != "suppressed" or held[key(source)]["fingerprint"] not in status["inhibitedBy"]:
+            wrong.append(f"rule {index}: {target} not muted by {source}: {status}")
+        for control in controls:
+            if held[key(control)]["status"]["state"] != "active":
+                wrong.append(f"rule {index}: {source} also mutes {control}")
+    assert wrong == [], "\n".join(wrong)
+    assert len(cases) >= 15, len(cases)
+
+
 # ------------------------------------------------------------------------ end to end ---
 @pytest.fixture
 def redis_broker():
