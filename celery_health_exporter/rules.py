@@ -117,6 +117,8 @@ or
                     "running for {{ $value | humanizeDuration }} (threshold ${age:dur}).",
         threshold="oldest active task `> ${age}` s; for per-task limits use "
                   "`celery_task_active_oldest_age_seconds{name=\"...\"} > N` in a rule of your own",
+        comment="Exists for every known worker (0 without an active task). A worker that dies holding the task\n"
+                "takes the series with it: CeleryWorkerDown and CeleryTasksLost take over.",
     ),
     # ------------------------------------------------------------------- worker children
     "CeleryWorkerChildRecycleStorm": Rule(
@@ -149,6 +151,7 @@ max by (cluster, namespace, job, hostname) (celery_host_child_rss_min_bytes)
                     "{{ $value | humanizePercentage }} of max_memory_per_child: every child will be recycled after "
                     "a few tasks.",
         threshold="smallest child RSS `> ${ratio}` × `max_memory_per_child`",
+        comment="Two sources (the host agent; the hook or inspect): a failing one is CeleryExporterSourceDown.",
     ),
     # ----------------------------------------------------------------------- revoked set
     "CeleryWorkerRevokedSetNearLimit": Rule(
@@ -234,6 +237,7 @@ celery_queue_oldest_unacked_age_seconds
                     "reached {{ $value | humanizePercentage }} of the Redis visibility_timeout; past it the message "
                     "is re-delivered and the task runs twice.",
         threshold="oldest unacked age `> ${ratio}` × `visibility_timeout`",
+        comment="A failing broker poll removes both series: CeleryExporterSourceDown fires instead.",
     ),
     # ---------------------------------------------------------------------------- tasks
     "CeleryTasksLost": Rule(
@@ -312,6 +316,7 @@ sum by (cluster, namespace, job, publisher) (
         description="{{ $value | humanize }} publishes of publisher {{ $labels.publisher }} (job {{ $labels.job }}) "
                     "made more attempts than task_publish_retry_policy allows in the last ${window:words}.",
         threshold="`> ${count}` in `[${window}]`",
+        comment="Appears at its first increment: counted whole when new in the window.",
     ),
     # ---------------------------------------------------------------------------- hosts
     "CeleryOrphanedWorkerProcesses": Rule(
@@ -394,6 +399,7 @@ histogram_quantile(${quantile},
                     "are up to {{ $value | humanizeDuration }} old (threshold ${lag}s).",
         threshold="p${quantile:pct} event lag (`histogram_quantile(${quantile}, ...)` over `[${window}]`) "
                   "`> ${lag}` s",
+        comment="The histogram exists from the exporter's start; no events at all is CeleryExporterNoEvents.",
     ),
 }
 

@@ -89,6 +89,8 @@ def test_a_template_and_its_values_must_match(monkeypatch):
 
 def test_every_alert_has_one_rule_and_the_table_a_row():
     assert set(rules.RULES) == set(thresholds.BY_NAME)
+    # alerts.yaml's header promises it: each rule says what happens when its series disappear
+    assert [name for name, rule in rules.RULES.items() if not rule.comment.strip()] == []
     table = rules.runbook_table().splitlines()[2:]
     assert [row.split("|")[1].strip() for row in table] == [a.name for a in thresholds.ALERTS]
     assert all(a.severity in thresholds.SEVERITIES for a in thresholds.ALERTS)
