@@ -44,3 +44,23 @@ def client(broker_url: str, transport_options: dict | None = None) -> Celery:
     publisher.conf.update(task_send_sent_event=True, result_backend=None, broker_connection_retry_on_startup=True,
                           broker_transport_options=dict(transport_options or {}))
     return publisher
+
+
+def publish_with(python: str, broker_url: str, transport_options: dict, queue: str, priorities) -> None:
+    """Publish ``brokers.noop`` once per priority from another interpreter (another kombu), the
+    way ``client(...).send_task`` does here: what the exporter reads is what that kombu wrote."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent.parent
+    subprocess.run([python, "-m", "tests.apps.brokerapp", broker_url, json.dumps(transport_options), queue,
+                    *map(str, priorities)], cwd=root, check=True, timeout=60)
+
+
+if __name__ == "__main__":  # python -m tests.apps.brokerapp URL OPTIONS_JSON QUEUE PRIORITY...
+    import sys
+
+    url, options, queue, *priorities = sys.argv[1:]
+    publisher = client(url, json.loads(options))
+    for priority in priorities:
+        publisher.send_task("brokers.noop", queue=queue, priority=int(priority))

@@ -17,6 +17,7 @@ from celery_health_exporter.broker import make_app
 from celery_health_exporter.sources.rabbitmq import RabbitMQSource
 from celery_health_exporter.state.model import ClusterState
 from tests.apps.brokerapp import client
+from tests.celery_versions import each_worker_celery
 from tests.harness import RABBITMQ_API, TcpProxy, free_port, make_amqp_broker, rabbitmq_api, wait_for
 
 pytestmark = pytest.mark.integration
@@ -36,12 +37,15 @@ def queue_names(m):
     return {labels["queue_name"] for labels, _ in m.find("celery_queue_length")}
 
 
-def test_black_hole_unacked_consumers_and_counters_from_the_management_api(amqp, make_exporter, make_worker):
+@each_worker_celery
+def test_black_hole_unacked_consumers_and_counters_from_the_management_api(amqp, make_exporter, make_worker,
+                                                                           worker_celery):
     exporter = make_exporter(amqp.url, "--rabbitmq-management-url", RABBITMQ_API, *POLL)
     publisher = client(amqp.url)
     for _ in range(3):
         publisher.send_task("brokers.noop", queue="hole")  # nobody consumes "hole"
-    worker = make_worker(amqp.url, "holder", queues="work", concurrency=1, app="tests.apps.brokerapp")
+    worker = make_worker(amqp.url, "holder", celery=worker_celery, queues="work", concurrency=1,
+                         app="tests.apps.brokerapp")
     publisher.send_task("brokers.hold", queue="work")  # acks_late, never returns: stays unacked
 
     def settled():

@@ -15,7 +15,8 @@ from celery_health_exporter.broker import make_app
 from celery_health_exporter.config import Config
 from celery_health_exporter.sources.redis_queues import RedisQueuesSource
 from celery_health_exporter.state.model import ClusterState
-from tests.apps.brokerapp import client
+from tests.apps.brokerapp import client, publish_with
+from tests.celery_versions import NEWEST, each_worker_celery, python_for
 from tests.harness import REDIS_HOST, REDIS_PORT, TcpProxy, make_redis_broker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,12 +42,19 @@ def by_priority(m, queue):
     return {labels["priority"]: v for labels, v in m.find("celery_queue_length_by_priority", queue_name=queue)}
 
 
+@each_worker_celery
 @pytest.mark.parametrize("prefix", ["", "tenant-a:"])
-def test_black_hole_with_exact_lengths_per_priority_with_and_without_global_keyprefix(rds, make_exporter, prefix):
+def test_black_hole_with_exact_lengths_per_priority_with_and_without_global_keyprefix(rds, make_exporter, prefix,
+                                                                                      worker_celery):
+    # No worker here: the Celery version is the publisher's, whose kombu lays out the keys.
     options = {"global_keyprefix": prefix} if prefix else {}
-    publisher = client(rds.url, options)
-    for priority in (0, 0, 0, 4, 5, 9):  # steps 0, 3, 6, 9: 4 and 5 both go to 3
-        publisher.send_task("brokers.noop", queue="hole", priority=priority)
+    priorities = (0, 0, 0, 4, 5, 9)  # steps 0, 3, 6, 9: 4 and 5 both go to 3
+    if worker_celery == NEWEST:
+        publisher = client(rds.url, options)
+        for priority in priorities:
+            publisher.send_task("brokers.noop", queue="hole", priority=priority)
+    else:
+        publish_with(python_for(worker_celery), rds.url, options, "hole", priorities)
     keys = redis.Redis(REDIS_HOST, REDIS_PORT, db=rds.db)
     assert keys.llen(f"{prefix}hole") == 3 and keys.llen(f"{prefix}hole\x06\x163") == 2  # kombu's layout
     if prefix:

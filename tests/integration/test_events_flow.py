@@ -6,6 +6,7 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from tests.apps.testapp import client
+from tests.celery_versions import each_worker_celery
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration
@@ -15,10 +16,12 @@ def worker_up(exporter, hostname):
     return exporter.scrape().value("celery_worker_up", hostname=hostname) == 1
 
 
-def test_task_outcomes_are_counted_exactly_with_worker_and_queue_labels(broker, make_exporter, make_worker):
+@each_worker_celery
+def test_task_outcomes_are_counted_exactly_with_worker_and_queue_labels(broker, make_exporter, make_worker,
+                                                                        worker_celery):
     queue = f"q-{uuid.uuid4().hex[:6]}"
     exporter = make_exporter(broker.url)
-    worker = make_worker(broker.url, "flow", queues=queue)
+    worker = make_worker(broker.url, "flow", celery=worker_celery, queues=queue)
     wait_for(lambda: worker_up(exporter, worker.hostname), 30, message="worker up")
 
     publisher = client(broker.url)
