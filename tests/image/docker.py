@@ -26,6 +26,7 @@ BUILD_BASE = ROOT / "deploy" / "dev" / "build-base-image.sh"
 class Docker:
     env: dict
     timings: dict = field(default_factory=dict)  # step -> seconds
+    notes: list = field(default_factory=list)  # lines for the terminal summary
     containers: list = field(default_factory=list)
 
     def run(self, *args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -96,21 +97,32 @@ def build_image(docker: Docker, log_dir) -> str:
     return IMAGE
 
 
-# The fixtures, imported by tests/image/conftest.py and by tests/deploy/test_compose.py.
+# The fixtures, imported by tests/image/conftest.py and by tests/deploy/test_compose.py. Each
+# import registers them anew, so the engine and the build are kept here: one of each per session.
+_session: dict = {}
+
+
 @pytest.fixture(scope="session")
 def docker() -> Docker:
-    engine = start_engine()
+    if "engine" not in _session:
+        _session["engine"] = start_engine()
+    engine = _session["engine"]
     yield engine
     engine.remove_all()
 
 
 @pytest.fixture(scope="session")
-def image(docker, tmp_path_factory, request) -> str:
-    started = time.monotonic()
-    name = build_image(docker, tmp_path_factory.mktemp("image-build"))
-    docker.timings["engine + base + build"] = time.monotonic() - started
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("image build: " + ", ".join(f"{k} {v:.1f}s" for k, v in docker.timings.items()))
-    return name
+def image(docker, tmp_path_factory) -> str:
+    if "image" not in _session:
+        started = time.monotonic()
+        _session["image"] = build_image(docker, tmp_path_factory.mktemp("image-build"))
+        docker.timings["base + build"] = time.monotonic() - started
+    return _session["image"]
 
+
+def report_lines() -> list[str]:
+    """For the terminal summary: what the build and the image cost."""
+    engine = _session.get("engine")
+    if engine is None or not engine.timings:
+        return []
+    return ["image build: " + ", ".join(f"{k} {v:.1f}s" for k, v in engine.timings.items()), *engine.notes]

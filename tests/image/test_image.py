@@ -122,7 +122,7 @@ def test_an_exporter_that_is_not_ready_turns_unhealthy(docker, image):
     assert last["ExitCode"] == 1 and f"http://127.0.0.1:{port}/readyz: 503" in last["Output"], last
 
 
-def test_runs_as_a_numeric_non_root_user_and_stays_small(docker, image, request):
+def test_runs_as_a_numeric_non_root_user_and_stays_small(docker, image):
     config = docker.inspect(image)["Config"]
     assert config["User"] == f"{UID}:{UID}", config["User"]
     assert config["Entrypoint"] == ["celery-health-exporter"] and not config["Cmd"]
@@ -142,9 +142,7 @@ def test_runs_as_a_numeric_non_root_user_and_stays_small(docker, image, request)
     added = size - base_size
     line = (f"image {image}: {size / 1e6:.0f} MB ({added / 1e6:.0f} MB on top of the base {base}, "
             f"{base_size / 1e6:.0f} MB: the stand-in, larger than the official slim image)")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
+    docker.notes.append(line)
     # the venv with the exporter and its dependencies; no compilers, no caches
     assert added < 100e6, line
     assert size < 450e6, line
