@@ -12,3 +12,6 @@ WORKER_HOOK_CONF_KEY = "celery_health_hook"
 # publisher hook: the event it sends on the Celery event exchange, and its format version
 PUBLISHER_EVENT_TYPE = "exporter-publisher-stats"
 PUBLISHER_EVENT_FORMAT = 1
+
+# worker hook: the event its main process sends when it stops on an unrecoverable error
+WORKER_UNRECOVERABLE_EVENT = "exporter-worker-unrecoverable"

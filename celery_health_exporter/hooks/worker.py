@@ -15,6 +15,11 @@ never shows), and the size of the revoked set. The exporter reads it with one
 cheap custom inspect command, ``celery_health``, instead of ``inspect revoked``
 (which ships the whole revoked list).
 
+When the main process stops on an unrecoverable error (Celery logs "Unrecoverable
+error: ..." and exits, with code 0 on Celery <= 5.2), the hook sends one
+``exporter-worker-unrecoverable`` event first: the exception class, the class that
+could not be unpickled when that was the cause, and the exit code to expect.
+
 Guarantees: the task hot path gets one integer increment in the child; every
 failure inside the hook is swallowed and counted (``hook_errors``); it works
 with or without the exporter running, and does nothing in non-prefork pools
@@ -24,18 +29,28 @@ library (pool children are found in /proc, Linux only).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import threading
 import time
 from collections import deque
 
 from .protocol import WORKER_HOOK_COMMAND as HOOK_COMMAND
 from .protocol import WORKER_HOOK_CONF_KEY as HOOK_CONF_KEY
+from .protocol import WORKER_UNRECOVERABLE_EVENT
 
 CHILD_TASK_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500, 1000)
 EX_RECYCLE = 155  # billiard: a child that reached max_tasks_per_child or max_memory_per_child
 REPORT_WAIT = 2.0  # seconds to wait for a vanished child's own report before blaming a signal
 WATCH_INTERVAL = 0.5
+# Celery's WorkController.start logs this at CRITICAL, with the exception, then stops the worker.
+UNRECOVERABLE_LOGGER = "celery.worker"  # celery.utils.log.worker_logger
+UNRECOVERABLE_MESSAGE = "Unrecoverable error"
+REPORT_CONNECT_TIMEOUT = 3.0
+# "UnpicklableError.__init__() missing 1 required positional argument": unpickling an exception
+# whose __init__ does not take its args back (the classic unrecoverable error).
+_UNPICKLE_FAILURE = re.compile(r"^(\w+)\.__init__\(\) (?:missing|takes|got)")
 
 
 class _Hook:
@@ -43,6 +58,7 @@ class _Hook:
         self.errors = 0
         self.lock = threading.Lock()
         self.main_pid: int | None = None
+        self.worker = None  # the WorkController, in the main process
         self.max_tasks_per_child = 0
         self.max_memory_per_child_kib = 0
         self.replacements = {"memory": 0, "tasks": 0, "signal": 0, "error": 0}
@@ -60,6 +76,8 @@ class _Hook:
     # ---------------------------------------------------------- main process
     def on_worker_init(self, worker) -> None:
         self.main_pid = os.getpid()
+        self.worker = worker
+        logging.getLogger(UNRECOVERABLE_LOGGER).addHandler(_UnrecoverableErrorReporter())
         self.max_tasks_per_child = int(getattr(worker, "max_tasks_per_child", 0) or 0)
         self.max_memory_per_child_kib = int(getattr(worker, "max_memory_per_child", 0) or 0)
         # Tell the exporter (through `inspect conf`) that this worker answers HOOK_COMMAND.
@@ -134,6 +152,20 @@ class _Hook:
         if report.get("peak_rss_kib"):
             self.recent_peak_rss.append(int(report["peak_rss_kib"]) * 1024)
 
+    def report_unrecoverable(self, exc: BaseException) -> None:
+        """Tell the exporter, over the event exchange, that this worker is about to stop
+        on ``exc``: after it, the worker can answer nothing. Celery <= 5.2 then exits 0."""
+        import celery
+
+        worker = self.worker
+        app = worker.app
+        match = _UNPICKLE_FAILURE.match(str(exc)) if isinstance(exc, TypeError) else None
+        fields = {"exception": type(exc).__name__, "unpicklable": match.group(1) if match else None,
+                  "exit_code": 0 if celery.VERSION < (5, 3) else 1, "hook_errors": self.errors}
+        with app.connection_for_write(connect_timeout=REPORT_CONNECT_TIMEOUT) as connection:
+            dispatcher = app.events.Dispatcher(connection, hostname=worker.hostname, enabled=True)
+            dispatcher.send(WORKER_UNRECOVERABLE_EVENT, **fields)
+
     def snapshot(self) -> dict:
         from celery.worker import state as worker_state
 
@@ -206,6 +238,18 @@ def child_pids(parent: int) -> set[int]:
         if int(stat[stat.rindex(b")") + 2:].split()[1]) == parent:
             children.add(int(entry.name))
     return children
+
+
+class _UnrecoverableErrorReporter(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.CRITICAL)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.exc_info and str(record.msg).startswith(UNRECOVERABLE_MESSAGE):
+                _hook.report_unrecoverable(record.exc_info[1])
+        except Exception:  # the worker is stopping anyway: never in its way
+            _hook.errors += 1
 
 
 _hook = _Hook()

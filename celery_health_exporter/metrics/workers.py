@@ -16,6 +16,11 @@ RESTARTS = counter("worker_restarts", "Times a known node name came back as a ne
                    "new pid, or its processed count reset).", "hostname")
 UNCLEAN = counter("worker_unclean_shutdowns", "Worker processes whose heartbeats stopped without worker-offline "
                   "(killed, OOM, crash).", "hostname")
+UNRECOVERABLE = counter("worker_unrecoverable_errors", "Worker main processes that stopped on an unrecoverable "
+                        "error (\"Unrecoverable error: ...\" in the worker log; exit code 0 on Celery <= 5.2, so a "
+                        "supervisor calls it a clean exit), by exception class: reported by the worker hook; without "
+                        "it, exception=\"unknown\" when a task failed with WorkerLostError exit code 0 and its "
+                        "worker went down (a lower bound).", "hostname", "exception")
 PREFETCHED = gauge("worker_prefetched_tasks", "Tasks the worker received and has not started (from events; from "
                    "inspect reserved for workers without task events).",
                    "hostname")
@@ -49,7 +54,8 @@ REVOKED = gauge("worker_revoked_tasks", "Size of the worker's revoked set (hook,
 REVOKED_LIMIT = gauge("worker_revoked_tasks_limit", "maxlen of the worker's revoked set (worker hook).",
                       "hostname", source="hook")
 
-DEFINITIONS = (UP, TASKS_ACTIVE, INFO, HEARTBEAT_AGE, PROCESSED, START_TIME, RESTARTS, UNCLEAN, PREFETCHED,
+DEFINITIONS = (UP, TASKS_ACTIVE, INFO, HEARTBEAT_AGE, PROCESSED, START_TIME, RESTARTS, UNCLEAN, UNRECOVERABLE,
+               PREFETCHED,
                OLDEST_ACTIVE, STALLED, POOL_PROCESSES, MAX_CONCURRENCY, PREFETCH_COUNT, CHILD_REPLACEMENTS,
                CHILD_TASKS, CHILD_PEAK_RSS, MAX_TASKS_PER_CHILD, MAX_MEMORY_PER_CHILD, REVOKED, REVOKED_LIMIT)
 
@@ -63,6 +69,8 @@ def collect(ctx):
     state = ctx.state
     now = ctx.now
     prefetched, oldest_by_worker, _ = ctx.in_flight
+    for (hostname, exception), count in state.crashes.errors.items():
+        yield UNRECOVERABLE, (hostname, exception), count
     for hostname, worker in state.workers.items():
         labels = (hostname,)
         yield UP, labels, 1 if worker.up else 0
