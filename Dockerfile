@@ -7,6 +7,11 @@
 #
 # VERSION must equal the version in pyproject.toml (the single source of truth):
 # the build fails otherwise, and tests/deploy/test_dockerfile.py checks the default.
+# The Python dependencies come pinned and hash-checked from requirements.lock; after a change
+# of pyproject.toml's requirements, regenerate it with deploy/dev/lock-requirements.sh.
+# Without access to a registry (as in CI): deploy/dev/start-docker.sh starts an engine,
+# deploy/dev/build-base-image.sh makes a stand-in for the base image, then
+# `DOCKER_BUILDKIT=0 docker build .` (tests/image/ does all three).
 
 # ---------------------------------------------------------------- builder ---
 FROM python:3.11.13-slim-bookworm AS builder
