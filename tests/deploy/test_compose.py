@@ -243,7 +243,8 @@ def test_image_services_run_against_the_local_broker(services, kind, docker, ima
 
         def workers_up_and_traffic_counted():
             for name, container in names.items():
-                docker.health(container)  # raises, with the logs, if a service stopped
+                if not docker.inspect(container)["State"]["Running"]:
+                    return f"service {name} stopped"  # ends the wait: reported below with the logs
             status, body = http_get(f"http://127.0.0.1:{port}/metrics")
             m = Metrics(body) if status == 200 else None
             return m and (m.value("celery_worker_up", hostname=f"demo1@{HOST}") == 1
@@ -254,6 +255,8 @@ def test_image_services_run_against_the_local_broker(services, kind, docker, ima
         try:
             m = wait_for(workers_up_and_traffic_counted, 120, interval=1,
                          message="both demo workers up and the traffic counted by the exporter")
+            if isinstance(m, str):
+                raise AssertionError(m)
         except AssertionError as exc:
             logs = "\n".join(f"--- {n}:\n{docker.logs(c)[-1500:]}" for n, c in names.items())
             raise AssertionError(f"{exc}\n{logs}") from None

@@ -46,13 +46,6 @@ class Docker:
         self.run("run", "-d", "--name", name, "--label", "celery-health-exporter-test=1", *args)
         return name
 
-    def health(self, name: str) -> dict:
-        state = self.inspect(name)["State"]
-        if not state["Running"]:
-            raise AssertionError(f"container {name} stopped ({state['Status']}, exit {state['ExitCode']}):\n"
-                                 f"{self.logs(name)}")
-        return state.get("Health") or {}
-
     def logs(self, name: str) -> str:
         proc = self.run("logs", name, check=False)
         return (proc.stdout + proc.stderr)[-4000:]

@@ -45,19 +45,29 @@ def broker(request):
 
 
 def wait_on(docker, name: str, predicate, message: str, timeout: float = 120):
-    """wait_for, and on a timeout the container's health log and output in the failure."""
+    """wait_for, failing at once if the container stops, and with its health log and output."""
+    stopped = object()
+
+    def check():
+        if not docker.inspect(name)["State"]["Running"]:
+            return stopped
+        return predicate()
+
     try:
-        return wait_for(predicate, timeout, message=f"{name}: {message}")
+        result = wait_for(check, timeout, message=f"{name}: {message}")
+        if result is stopped:
+            raise AssertionError(f"{name} stopped while waiting for {message}")
+        return result
     except AssertionError as exc:
-        health = docker.inspect(name)["State"].get("Health") or {}
-        checks = "\n".join(f"  {e['ExitCode']}: {e['Output'].strip()}" for e in health.get("Log", []))
-        raise AssertionError(f"{exc}\nhealth checks:\n{checks}\nlogs:\n{docker.logs(name)}") from None
+        state = docker.inspect(name)["State"]
+        checks = "\n".join(f"  {e['ExitCode']}: {e['Output'].strip()}" for e in (state.get("Health") or {}).get("Log", []))
+        raise AssertionError(f"{exc} (status {state['Status']}, exit code {state['ExitCode']})\n"
+                             f"health checks:\n{checks}\nlogs:\n{docker.logs(name)}") from None
 
 
 def wait_healthy(docker, name: str, base: str, context=None, auth=None) -> dict:
     """/readyz 200, celery_broker_up 1, then Docker's health status `healthy`; returns the health."""
-    wait_on(docker, name, lambda: docker.health(name) is not None and get(base + "/readyz", context)[0] == 200,
-            "/readyz 200")
+    wait_on(docker, name, lambda: get(base + "/readyz", context)[0] == 200, "/readyz 200")
 
     def broker_up():
         status, body = get(base + "/metrics", context, auth)
@@ -65,7 +75,7 @@ def wait_healthy(docker, name: str, base: str, context=None, auth=None) -> dict:
         return Metrics(body).sum("celery_broker_up") == 1 and Metrics(body).find("celery_broker_up")
 
     wait_on(docker, name, broker_up, "celery_broker_up 1")
-    return wait_on(docker, name, lambda: (h := docker.health(name)).get("Status") == "healthy" and h,
+    return wait_on(docker, name, lambda: (h := docker.inspect(name)["State"].get("Health") or {}).get("Status") == "healthy" and h,
                    "docker health `healthy`")
 
 
@@ -116,7 +126,7 @@ def test_an_exporter_that_is_not_ready_turns_unhealthy(docker, image):
                         "--health-retries", "2", "--health-start-period", "1s", image,
                         "--broker-url", f"redis://127.0.0.1:{closed}/0", "--listen-address", f"127.0.0.1:{port}")
     wait_on(docker, name, lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 503, "/readyz 503")
-    health = wait_on(docker, name, lambda: (h := docker.health(name)).get("Status") == "unhealthy" and h,
+    health = wait_on(docker, name, lambda: (h := docker.inspect(name)["State"].get("Health") or {}).get("Status") == "unhealthy" and h,
                      "docker health `unhealthy`")
     last = health["Log"][-1]
     assert last["ExitCode"] == 1 and f"http://127.0.0.1:{port}/readyz: 503" in last["Output"], last
