@@ -25,6 +25,7 @@ RUNBOOKS = "docs/runbooks.md"
 KIND_ALERT = {
     "restart_loop": "CeleryWorkerRestartLoop",
     "unclean_shutdown": "CeleryWorkerUncleanShutdown",
+    "unrecoverable_error": "CeleryWorkerUnrecoverableError",
     "worker_stalled": "CeleryWorkerStalled",
     "task_running_long": "CeleryTaskRunningTooLong",
     "recycle_storm": "CeleryWorkerChildRecycleStorm",
@@ -72,6 +73,32 @@ def _paging(kind: str, subject: str, summary: str, why: str, fix: str, metric: s
     rule = _rule(kind)
     return Finding(ident or f"{kind}:{key or subject}", kind, rule.severity, subject, summary, why, fix, metric,
                    rule.name)
+
+
+def _unrecoverable(state) -> list[Finding]:
+    over = _rule("unrecoverable_error")["count"]
+    counts: dict[str, int] = {}
+    for (hostname, _exception), count in state.crashes.errors.items():
+        counts[hostname] = counts.get(hostname, 0) + count
+    out = []
+    for hostname, count in counts.items():
+        if count <= over:
+            continue
+        _at, exception, exit_code, task = state.crashes.last[hostname]
+        cause = f"{exception}" if exception != "unknown" else "an error the worker hook would name"
+        exited = f" and exits with code {exit_code}" if exit_code is not None else ""
+        during = f", running {task}" if task and task != "unknown" else ""
+        out.append(_paging(
+            "unrecoverable_error", hostname,
+            f"{hostname} stopped {count} time(s) on an unrecoverable error: {cause}{during}{exited}.",
+            "The worker's main process logs 'Unrecoverable error' and stops; on Celery <= 5.2 with exit code 0, "
+            "so its supervisor restarts it as if it had stopped cleanly, and the task that caused it (already "
+            "published again for a retry) kills it again.",
+            "Read the 'Unrecoverable error' traceback in the worker log. For a TypeError from unpickling, make "
+            "the task's exception picklable (pass every __init__ argument to super().__init__) and upgrade to "
+            "Celery >= 5.3, which exits 1 and wraps such exceptions.",
+            "celery_worker_unrecoverable_errors_total"))
+    return out
 
 
 def _mb(value: float) -> str:
@@ -201,6 +228,7 @@ def _tasks(state, now: float) -> list[Finding]:
             "Use acks_late=True with task_reject_on_worker_lost=True for tasks that must not be lost, and find "
             "why the worker died (unclean shutdown finding).",
             "celery_task_lost_total", key=f"{name}:{queue}"))
+    out += _unrecoverable(state)
     unpicklable_over = _rule("unpicklable_exception")["count"]
     for (name, exception), count in state.unpicklable.items():
         if count <= unpicklable_over:

@@ -280,6 +280,21 @@ sum by (cluster, namespace, job, queue_name, name) (
         comment="celery_task_failed_total appears at the first failure (with its exception label), and a task\n"
                 "that only fails has no succeeded series: both handled.",
     ),
+    "CeleryWorkerUnrecoverableError": Rule(
+        expr="""\
+sum by (cluster, namespace, job, hostname, exception) (
+  """ + _new_or_increase("worker_unrecoverable_errors_total", 2) + """
+) > ${count}
+""",
+        summary="Worker {{ $labels.hostname }} exits on an unrecoverable error",
+        description="The main process of {{ $labels.hostname }} (job {{ $labels.job }}) stopped {{ $value | humanize }} "
+                    "times in the last ${window:words} on an unrecoverable error ({{ $labels.exception }}; "
+                    "\"unknown\" without the worker hook). On Celery <= 5.2 it exits with code 0, so a supervisor "
+                    "calls it a clean exit and restarts it: a crash loop that looks healthy.",
+        threshold="`> ${count}` in `[${window}]`",
+        comment="Appears at its first increment: counted whole when new in the window. Survives the worker "
+                "going down (it is why the worker went down) until the worker is purged.",
+    ),
     "CeleryTaskUnpicklableException": Rule(
         expr="""\
 sum by (cluster, namespace, job, name, exception) (

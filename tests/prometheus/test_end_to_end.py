@@ -18,7 +18,7 @@ One scenario per module (about 90 s), shared by the tests below:
    a queue fed with no consumer, failing tasks, an unpicklable exception, expired tasks filling
    a small revoked set, publishes retried against a cut broker link (and a kombu that ignores the
    retry policy), an exporter frozen for ten seconds and then cut from the broker. The scenario
-   ends when every alert of Scenario.expected (all 21) has fired with the labels of the worker,
+   ends when every alert of Scenario.expected (all 24) has fired with the labels of the worker,
    queue, task or publisher concerned, as /api/v1/alerts reports it (a monitor thread
    polls it twice a second), or after INDUCE_TIMEOUT.
 
@@ -74,6 +74,7 @@ MIXIN_FILE = Path(os.environ.get("CELERY_MIXIN_QUERIES", "/work/shared/compat/ce
 EXPR_EDITS = {
     "CeleryTaskRunningTooLong": ("> 3600", "> 5"),  # a task running for over 5 s instead of 1 h
     "CeleryExporterNoEvents": ("[5m]", "[20s]"),  # no event for 20 s instead of 5 min
+    "CeleryQueueConsumersUnknown": ("15m", "5s"),  # consumers unknown for 5 s instead of 15 min
 }
 
 # Series that the scenario cannot produce: RabbitMQ-only broker statistics (the broker is Redis).
@@ -87,8 +88,8 @@ NOT_PRODUCED = {
 }
 
 # Queues of the scenario
-Q_OK, Q_HUNG, Q_FAIL, Q_EXP, Q_ORPH, Q_MEM, Q_LOOP, Q_NOBODY = (
-    "ok", "hung", "failq", "expq", "orphq", "memq", "loopq", "nobody")
+Q_OK, Q_HUNG, Q_FAIL, Q_EXP, Q_ORPH, Q_MEM, Q_LOOP, Q_NOBODY, Q_CRASH = (
+    "ok", "hung", "failq", "expq", "orphq", "memq", "loopq", "nobody", "crashq")
 
 
 def shipped_alerts() -> dict[str, dict]:
@@ -269,7 +270,7 @@ def _setup(workdir: Path, broker, prometheus_factory, cleanup: list) -> Scenario
         "--broker-transport-option", f"visibility_timeout={VISIBILITY_TIMEOUT}",
         log_path=workdir / "exporter-main.log")
     cleanup.append(lambda: _stop_exporter(main))
-    aux = ExporterProcess(_through(aux_proxy, broker.url), "--inspect-interval", "0", "--no-broker-poll",
+    aux = ExporterProcess(_through(aux_proxy, broker.url), "--inspect-interval", "0", "--queues", Q_NOBODY,
                           "--worker-timeout", "3", log_path=workdir / "exporter-aux.log")
     cleanup.append(lambda: _stop_exporter(aux))
     rules = override_rules(ALERTS_FILE, workdir, for_duration=FOR, exprs=expr_overrides())
@@ -388,6 +389,7 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         "CeleryQueueUnackedNearVisibilityTimeout": {"queue_name": Q_HUNG, "instance": main_i},
         "CeleryWorkerDown": {"hostname": w["orph"].hostname, "instance": main_i},
         "CeleryWorkerUncleanShutdown": {"hostname": w["orph"].hostname, "instance": main_i},
+        "CeleryWorkerUnrecoverableError": {"hostname": f"{MARK}-crash@{HOST}", "exception": "TypeError"},
         "CeleryTasksLost": {"name": "hostapp.allocate", "queue_name": Q_ORPH, "reason": "worker_lost"},
         "CeleryOrphanedWorkerProcesses": {"instance": main_i},
         "CeleryWorkerRestartLoop": {"hostname": f"{MARK}-loop@{HOST}", "instance": main_i},
@@ -404,6 +406,8 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         "CeleryExporterEventLagHigh": {"instance": aux_i},
         "CeleryExporterSourceDown": {"instance": aux_i, "source": "events"},
         "CeleryExporterNoEvents": {"instance": aux_i},
+        "CeleryExporterDown": {"instance": aux_i},
+        "CeleryQueueConsumersUnknown": {"queue_name": Q_NOBODY, "instance": aux_i},
     }
     app = client(s.broker.url)
     hostapp = Celery("e2e-hostapp-client", broker=s.broker.url, set_as_current=False)
@@ -433,6 +437,17 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
             app.send_task("tests.fail", ("e2e",), queue=Q_FAIL)
             app.send_task("tests.add", (1, 1), queue=Q_FAIL)
             time.sleep(0.3)
+
+    def unrecoverable_error():
+        """A task whose outcome the main process cannot unpickle: it stops on an unrecoverable error."""
+        worker = WorkerProcess(s.broker.url, f"{MARK}-crash", queues=Q_CRASH, concurrency=1,
+                               app="tests.apps.crashapp", env={"TEST_INSTALL_HOOK": "1"},
+                               log_path=s.main.log_path.parent / "worker-crash.log")
+        s.extra_workers.append(worker)
+        _poll(lambda: _metric(s.main, "celery_worker_up", hostname=worker.hostname) == 1, 60,
+              what="crash worker up")
+        app.send_task("tests.reject_unpicklable", queue=Q_CRASH)
+        s.note("unpicklable rejection sent")
 
     def expired_tasks():
         logging.getLogger("celery.app.base").setLevel(logging.ERROR)  # "expiration date in the past"
@@ -532,7 +547,8 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         s.proxies[0].cut()  # then loses the broker for good
         s.note("aux cut from the broker")
 
-    steps = [hung_task, sigkill_while_running, queue_without_consumer, failing_tasks, expired_tasks,
+    steps = [hung_task, sigkill_while_running, queue_without_consumer, failing_tasks, unrecoverable_error,
+             expired_tasks,
              recycle_storm, restart_loop, publish_against_a_cut_link, exporter_frozen_then_cut]
     threads = s.threads
     for step in steps:

@@ -138,6 +138,15 @@ def unclean(n):  # a new pid while the old process was up: a restart and an uncl
     return restarts(n)
 
 
+def unrecoverable(n):  # n crashes of the main process reported by the worker hook
+    s = fresh()
+    alive(s)
+    for i in range(n):
+        s.apply(ev("exporter-worker-unrecoverable", exception="TypeError", unpicklable="BadError", exit_code=0),
+                T0 + i)
+    return s, T0 + n
+
+
 def running_for(age):
     s = fresh()
     alive(s)
@@ -286,6 +295,8 @@ EDGES = {
                              restarts(_value("CeleryWorkerRestartLoop", "restarts"))),
     "unclean_shutdown": lambda: (unclean(_value("CeleryWorkerUncleanShutdown", "shutdowns")),
                                  unclean(_value("CeleryWorkerUncleanShutdown", "shutdowns") + 1)),
+    "unrecoverable_error": lambda: (unrecoverable(_value("CeleryWorkerUnrecoverableError", "count")),
+                                    unrecoverable(_value("CeleryWorkerUnrecoverableError", "count") + 1)),
     "task_running_long": lambda: (running_for(_value("CeleryTaskRunningTooLong", "age")),
                                   running_for(_value("CeleryTaskRunningTooLong", "age") + 1)),
     "recycle_storm": lambda: (recycled(_value("CeleryWorkerChildRecycleStorm", "replacements"),
