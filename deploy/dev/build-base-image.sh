@@ -10,6 +10,8 @@
 #   - pip, setuptools and wheel installed by pip into /usr/local (with their RECORD files), so
 #     that `pip uninstall` removes them as it does in the official image (Debian's python3-pip
 #     only bootstraps them and is purged again);
+#   - tzdata, as in bookworm's slim images (kombu's timer needs the zone database on Linux:
+#     without it `celery worker` dies on import);
 #   - no EXTERNALLY-MANAGED marker; groupadd/useradd (passwd); no perl (usrmerge pulls it in
 #     while the root file system is made; usr-is-merged stands in for it afterwards).
 # Only the stand-in trusts this machine's extra CA certificates (a TLS-intercepting proxy sits
@@ -67,7 +69,7 @@ start=$SECONDS
 # the chroot: its pip runs with a clean environment.
 chroot_env=(env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 HOME=/root)
 mmdebstrap --quiet --mode=root --variant=apt --format=tar \
-  --include=usr-is-merged,ca-certificates,passwd,python3,python3-venv,python3-pip \
+  --include=usr-is-merged,ca-certificates,passwd,tzdata,python3,python3-venv,python3-pip \
   --customize-hook="mkdir -p \"\$1/usr/local/share/ca-certificates\"" \
   --customize-hook="find '$work' -name '*.crt' -exec cp {} \"\$1/usr/local/share/ca-certificates/\" \\;" \
   --customize-hook="cp '$work/pip.conf' \"\$1/etc/pip.conf\"" \
@@ -76,7 +78,7 @@ mmdebstrap --quiet --mode=root --variant=apt --format=tar \
   --customize-hook="chroot \"\$1\" ${chroot_env[*]} python3 -m pip install --no-cache-dir --quiet --disable-pip-version-check --root-user-action=ignore --ignore-installed pip setuptools wheel" \
   --customize-hook="chroot \"\$1\" ${chroot_env[*]} apt-get purge --yes --quiet --auto-remove python3-pip usrmerge perl libperl5.36 perl-modules-5.36 >/dev/null" \
   --customize-hook="ln -sf /usr/bin/python3 \"\$1/usr/local/bin/python\"" \
-  --customize-hook="chroot \"\$1\" ${chroot_env[*]} sh -c 'python --version && python -m pip --version && pip --version && command -v useradd && command -v groupadd' >/dev/null" \
+  --customize-hook="chroot \"\$1\" ${chroot_env[*]} sh -c 'test -e /usr/share/zoneinfo/UTC && python --version && python -m pip --version && pip --version && command -v useradd && command -v groupadd' >/dev/null" \
   --customize-hook="rm -rf \"\$1\"/var/lib/apt/lists/* \"\$1\"/var/cache/apt/*.bin \"\$1\"/root/.cache" \
   "$suite" "$work/rootfs.tar" \
   || fail "mmdebstrap could not build the root file system of $base (see above)"
