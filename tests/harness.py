@@ -306,6 +306,51 @@ class WorkerProcess:
         self.log_file.close()
 
 
+class EventRecorder:
+    """Celery's own event receiver, beside the exporter: ground truth of what the workers sent.
+
+    A thread captures every event of the broker's event exchange from ``start()`` (which
+    returns once a worker heartbeat shows that it consumes) until ``stop()``.
+    """
+
+    def __init__(self, broker_url: str):
+        from celery import Celery
+
+        self.app = Celery("event-recorder", broker=broker_url, set_as_current=False)
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self._receiver = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_event(self, event: dict) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            self._receiver = self.app.events.Receiver(connection, handlers={"*": self._on_event})
+            try:
+                self._receiver.capture(limit=None, timeout=None, wakeup=False)
+            except Exception:  # the connection closed under a stopping receiver
+                if not self._receiver.should_stop:
+                    raise
+
+    def start(self, timeout: float = 20.0) -> "EventRecorder":
+        self._thread.start()
+        wait_for(lambda: self.of("worker-heartbeat"), timeout, message="the event recorder receives heartbeats")
+        return self
+
+    def of(self, event_type: str, **fields) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events
+                    if e.get("type") == event_type and all(e.get(k) == v for k, v in fields.items())]
+
+    def stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(10)
+
+
 class TcpProxy:
     """A TCP proxy the test can cut (every connection closed, new ones refused) and restore."""
 
