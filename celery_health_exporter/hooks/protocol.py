@@ -15,3 +15,9 @@ PUBLISHER_EVENT_FORMAT = 1
 
 # worker hook: the event its main process sends when it stops on an unrecoverable error
 WORKER_UNRECOVERABLE_EVENT = "exporter-worker-unrecoverable"
+
+# beat hook: its events on the Celery event exchange (routing keys exporter.beat.*), and their format version
+BEAT_EVENT_TYPE = "exporter-beat"  # liveness and the schedule, every interval
+BEAT_SENT_EVENT_TYPE = "exporter-beat-sent"  # the sends beat made, shipped at once
+BEAT_OFFLINE_EVENT_TYPE = "exporter-beat-offline"  # a beat that stops cleanly
+BEAT_EVENT_FORMAT = 1

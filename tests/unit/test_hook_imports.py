@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-HOOKS = ["celery_health_exporter.hooks.worker", "celery_health_exporter.hooks.publisher"]
+HOOKS = ["celery_health_exporter.hooks.worker", "celery_health_exporter.hooks.publisher",
+         "celery_health_exporter.hooks.beat"]
 # What Celery and kombu are made of: modules they bring are theirs, not ours.
 CELERY_FAMILY = {"celery", "kombu", "billiard", "vine", "amqp", "click", "click_didyoumean", "click_repl",
                  "click_plugins", "dateutil", "tzlocal", "tzdata", "six"}
