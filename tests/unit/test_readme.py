@@ -22,4 +22,4 @@ def test_ci_runs_exactly_the_test_command_of_the_readme():
 
 def test_readme_starts_with_the_two_commands():
     blocks = re.findall(r"```sh\n(.*?)\n```", README, re.S)
-    assert blocks[:2] == ["pip install . && celery-health-exporter demo", "bash .ci/run"]
+    assert blocks[:2] == ["pip install '.[demo]' && celery-health-exporter demo", "bash .ci/run"]
