@@ -24,7 +24,7 @@ STOP_TIMEOUT = 3.0
 
 
 def build_state(config) -> ClusterState:
-    return ClusterState(
+    state = ClusterState(
         worker_timeout=config.worker_timeout,
         purge_offline_after=config.purge_offline_after,
         runtime_buckets=config.runtime_buckets,
@@ -36,6 +36,9 @@ def build_state(config) -> ClusterState:
         task_sent_grace=config.task_sent_grace,
         caps=CardinalityCaps.from_config(config),
     )
+    state.beat.timeout = config.beat_timeout
+    state.beat.missed_grace = config.beat_missed_grace
+    return state
 
 
 def diagnose_now(state, config, now: float | None = None) -> list:

@@ -108,6 +108,10 @@ OPTIONS = [
      "expired task, which names no task) waits for the task's task-sent, which travels over the publisher's "
      "connection, to learn its name and queue; then it is counted under `unknown` "
      "(celery_exporter_unattributed_task_events_total). 0 counts at once.", "value"),
+    ("--beat-timeout", "30", "Seconds without a report from a beat process (beat hook) before it counts as down "
+     "(at least two of its report intervals).", "value"),
+    ("--beat-missed-grace", "60", "Seconds past an entry's due time without a send from any beat before the run "
+     "counts as missed (celery_beat_entry_missed_runs_total).", "value"),
     ("--broker-poll-interval", "15", "Seconds between polls of the broker's queues.", "value"),
     ("--no-broker-poll", False, "Do not poll the broker for queue lengths.", "bool"),
     ("--rabbitmq-management-url", "", "RabbitMQ management API, e.g. http://host:15672 (credentials default to "
@@ -259,6 +263,9 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
                                  allow_zero=True),
         task_sent_grace=positive(_number(raw["--task-sent-grace"], "--task-sent-grace"), "--task-sent-grace",
                                  allow_zero=True),
+        beat_timeout=seconds("--beat-timeout"),
+        beat_missed_grace=positive(_number(raw["--beat-missed-grace"], "--beat-missed-grace"), "--beat-missed-grace",
+                                   allow_zero=True),
         broker_poll_interval=seconds("--broker-poll-interval"),
         broker_poll=not raw["--no-broker-poll"],
         rabbitmq_management_url=validate_http_url(raw["--rabbitmq-management-url"], "--rabbitmq-management-url"),

@@ -63,6 +63,9 @@ class Config:
     revoked_interval: float = 0.0
     lost_task_grace: float = 30.0
     task_sent_grace: float = 10.0
+    # beat hook: a silent beat is down after beat_timeout; a due time unsent beat_missed_grace later is missed
+    beat_timeout: float = 30.0
+    beat_missed_grace: float = 60.0
     # broker pollers
     broker_poll_interval: float = 15.0
     broker_poll: bool = True

@@ -45,6 +45,7 @@ _AREA_MODULES = (
     "celery_health_exporter.metrics.queues",
     "celery_health_exporter.metrics.host",
     "celery_health_exporter.metrics.publish",
+    "celery_health_exporter.metrics.beat",
 )
 
 
