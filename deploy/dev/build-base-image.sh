@@ -4,14 +4,15 @@
 #   bash deploy/dev/build-base-image.sh      # needs root, mmdebstrap and a running engine
 #
 # The name comes from the Dockerfile's FROM lines (today python:3.11.13-slim-bookworm). The
-# stand-in is Debian bookworm (minbase) with Debian's python3 and python3-venv, made to look
-# like the official python image where the Dockerfile relies on it:
+# stand-in is Debian bookworm minbase (the package set of the official debian:bookworm-slim,
+# which debuerreotype builds with the same variant) with Debian's python3 and python3-venv,
+# made to look like the official python image where the Dockerfile relies on it:
 #   - `python` and `pip` in /usr/local/bin, on PATH;
 #   - pip, setuptools and wheel installed by pip into /usr/local (with their RECORD files), so
 #     that `pip uninstall` removes them as it does in the official image (Debian's python3-pip
 #     only bootstraps them and is purged again);
-#   - tzdata, as in bookworm's slim images (kombu's timer needs the zone database on Linux:
-#     without it `celery worker` dies on import);
+#   - tzdata (Priority: required in bookworm, so in the slim images; kombu's timer needs the
+#     zone database on Linux: without it `celery worker` dies on import);
 #   - no EXTERNALLY-MANAGED marker; groupadd/useradd (passwd); no perl (usrmerge pulls it in
 #     while the root file system is made; usr-is-merged stands in for it afterwards).
 # Only the stand-in trusts this machine's extra CA certificates (a TLS-intercepting proxy sits
@@ -68,7 +69,7 @@ start=$SECONDS
 # The host's pip settings (PIP_FIND_LINKS, constraints in /etc/xdg/pip, ...) must not reach
 # the chroot: its pip runs with a clean environment.
 chroot_env=(env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 HOME=/root)
-mmdebstrap --quiet --mode=root --variant=apt --format=tar \
+mmdebstrap --quiet --mode=root --variant=minbase --format=tar \
   --include=usr-is-merged,ca-certificates,passwd,tzdata,python3,python3-venv,python3-pip \
   --customize-hook="mkdir -p \"\$1/usr/local/share/ca-certificates\"" \
   --customize-hook="find '$work' -name '*.crt' -exec cp {} \"\$1/usr/local/share/ca-certificates/\" \\;" \
