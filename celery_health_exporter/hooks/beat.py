@@ -80,25 +80,39 @@ def _seconds(delta) -> float:
     return delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
 
 
-def due_times(entry, now: float) -> tuple[float, float | None]:
+def due_after(schedule, last_run_at) -> float:
+    """The Unix time ``schedule`` is due after a run at ``last_run_at``: exact (a crontab's
+    due times fall on whole minutes), computed as Celery's ``remaining_estimate`` does."""
+    from celery.utils.time import remaining
+
+    if hasattr(schedule, "remaining_delta"):  # crontab and its subclasses (django-celery-beat's too)
+        start, ends_in, now = schedule.remaining_delta(last_run_at)
+        return (now + remaining(start, ends_in, now)).timestamp()
+    run_every = getattr(schedule, "run_every", None)
+    if isinstance(run_every, timedelta) and hasattr(schedule, "maybe_make_aware"):  # an interval
+        return (schedule.maybe_make_aware(last_run_at) + run_every).timestamp()
+    now = time.time()
+    return now + _seconds(schedule.remaining_estimate(last_run_at))  # solar, clocked, others
+
+
+def due_times(entry) -> tuple[float, float | None]:
     """(the entry's due time, the period of its schedule after it), in Unix time.
     The due time follows from the entry's last run (what beat's heap holds)."""
     schedule = entry.schedule
-    due = now + _seconds(schedule.remaining_estimate(entry.last_run_at))
-    return due, _period_after(schedule, due, now)
+    due = due_after(schedule, entry.last_run_at)
+    return due, period_after(schedule, due)
 
 
-def _period_after(schedule, due: float, now: float) -> float | None:
+def period_after(schedule, due: float) -> float | None:
     """Seconds from the due time ``due`` to the one after it (a crontab's gaps vary)."""
-    run_every = getattr(schedule, "run_every", None)
-    if isinstance(run_every, timedelta) and not hasattr(schedule, "_orig_minute"):
-        return run_every.total_seconds()
+    from datetime import datetime, timezone
+
     try:
-        at = schedule.now() + timedelta(seconds=due - now)
-        following = due + _seconds(schedule.remaining_estimate(at))
-        return following - due if following > due else None
+        at = datetime.fromtimestamp(due, tz=getattr(schedule, "tz", None) or timezone.utc)
+        following = due_after(schedule, at)
     except Exception:
         return None
+    return following - due if following > due else None
 
 
 class BeatHook:
@@ -161,8 +175,7 @@ class BeatHook:
 
         def wrapped(entry, *args, **kwargs):
             try:
-                now = time.time()
-                due, period = due_times(entry, now)
+                due, period = due_times(entry)
             except Exception:
                 hook._internal_error("due")
                 due = period = None
@@ -199,7 +212,7 @@ class BeatHook:
         try:
             sent = time.time()
             try:
-                next_due = sent + _seconds(entry.schedule.remaining_estimate(entry.schedule.now()))
+                next_due = due_after(entry.schedule, entry.schedule.now())
             except Exception:
                 next_due = None
             record = {"entry": str(entry.name), "task": str(entry.task), "id": task_id, "due": due,
@@ -220,7 +233,6 @@ class BeatHook:
 
     def _snapshot_entries(self, heap) -> None:
         """The schedule as beat's heap holds it (read in beat's thread, never from the storage)."""
-        now = time.time()
         entries = []
         for event in list(heap or ()):
             entry = event[2]
@@ -228,7 +240,7 @@ class BeatHook:
                 self._internal_error("entries_over_limit")
                 break
             try:
-                due, period = due_times(entry, now)
+                due, period = due_times(entry)
                 words = describe(entry.schedule)
             except Exception:
                 self._internal_error("entry")
