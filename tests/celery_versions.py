@@ -138,13 +138,30 @@ def oldest_python() -> str:
     with open(CACHE / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be building it right now
         if (venv / "built.json").exists() and _verify(python) is None:
+            (venv / "built.json").touch()  # in use: see _prune
             return str(python)
         _build(venv, CACHE / f"{venv.name}.log")
         problem = _verify(python)
         if problem:
             raise RuntimeError(f"the Celery {OLDEST['celery']} test venv is not what the pins say: {problem}")
         (venv / "built.json").write_text(json.dumps(OLDEST))
+        _prune(keep=venv)
         return str(python)
+
+
+def _prune(keep: Path, unused_for: float = 7 * 86400) -> None:
+    """Each pyproject.toml makes a venv of its own (~70 MB): drop those unused for a week."""
+    import time
+
+    for other in CACHE.glob("venv-*"):
+        if other == keep or not other.is_dir():
+            continue
+        marker = other / "built.json"
+        last_used = (marker if marker.exists() else other).stat().st_mtime
+        if time.time() - last_used > unused_for:
+            shutil.rmtree(other, ignore_errors=True)
+            for suffix in (".lock", ".log"):
+                (CACHE / f"{other.name}{suffix}").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
