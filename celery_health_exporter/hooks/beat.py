@@ -107,6 +107,9 @@ def period_after(schedule, due: float) -> float | None:
     """Seconds from the due time ``due`` to the one after it (a crontab's gaps vary)."""
     from datetime import datetime, timezone
 
+    run_every = getattr(schedule, "run_every", None)
+    if isinstance(run_every, timedelta) and not hasattr(schedule, "remaining_delta"):
+        return run_every.total_seconds()  # an interval
     try:
         at = datetime.fromtimestamp(due, tz=getattr(schedule, "tz", None) or timezone.utc)
         following = due_after(schedule, at)

@@ -40,11 +40,11 @@ class BeatProcess:
     """A real ``celery beat`` in its own process group, with the beat hook (label ``name``)."""
 
     def __init__(self, broker_url: str, name: str, tmp_path, *, app: str = "tests.apps.beatapp",
-                 scheduler: str | None = None, env: dict | None = None):
+                 scheduler: str | None = None, env: dict | None = None, python: str | None = None):
         self.name = name
         self.log_path = tmp_path / f"beat-{name}.log"
         self.log_file = open(self.log_path, "ab")
-        args = [sys.executable, "-m", "celery", "-A", app, "beat", "--pidfile=", "-l", "info"]
+        args = [python or sys.executable, "-m", "celery", "-A", app, "beat", "--pidfile=", "-l", "info"]
         args += ["-S", scheduler] if scheduler else ["-s", str(tmp_path / f"schedule-{name}")]
         self.proc = subprocess.Popen(
             args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
@@ -287,3 +287,23 @@ def test_database_scheduler_on_postgresql(broker, beat_database, tally, make_exp
              message="down at once after a clean stop")
     wait_for(lambda: value(exporter, "celery_beat_entry_runs_total", **db_only)
              == tally.count("task-sent", db_only["name"]), 10, message="runs = task-sent events")
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_the_hook_under_the_oldest_celery(broker, tally, make_exporter, make_beat):
+    """A beat on Celery 5.2.7 / kombu 5.2.4 (tests/celery_versions.py): the same scheduler
+    internals (beat_init, apply_async, tick, the heap), the same reports."""
+    from tests.celery_versions import OLDEST, python_for
+
+    exporter = make_exporter(broker.url, *EXPORTER_FLAGS)
+    beat = make_beat(broker.url, "beat-old", python=python_for(OLDEST["celery"]))
+    wait_for(lambda: at_least(exporter, "celery_beat_entry_runs_total", 3, **TICK), 60,
+             message=f"runs under Celery 5.2.7\n{beat.log()}")
+    m = exporter.scrape()
+    assert m.value("celery_beat_entry_info", schedule="crontab * * * * *", **MINUTELY) == 1
+    assert m.value("celery_beat_entry_next_run_timestamp_seconds", **MINUTELY) % 60 == 0
+    assert beat.terminate() == 0, beat.log()
+    wait_for(lambda: value(exporter, "celery_beat_up", beat="beat-old") == 0, BEAT_TIMEOUT, interval=0.1,
+             message="down at once after a clean stop")
+    wait_for(lambda: value(exporter, "celery_beat_entry_runs_total", **TICK) == tally.count("task-sent", TICK["name"]),
+             10, message="runs = task-sent events")
