@@ -46,6 +46,7 @@ __all__ = ["BeatHook", "install", "describe"]
 MAX_ENTRIES = 1000  # entries reported per beat; more are counted in hook_errors["entries_over_limit"]
 MAX_PENDING = 10_000  # sends kept while the broker is unreachable; older ones are dropped and counted
 MAX_SENDS_PER_EVENT = 200
+NOT_EXPECTED_AFTER = 365 * 86400.0  # a due time further away is reported as none
 _ATTR = "_celery_health_exporter_beat_hook"
 
 log = logging.getLogger("celery_health_exporter.hooks.beat")
@@ -237,6 +238,7 @@ class BeatHook:
     def _snapshot_entries(self, heap) -> None:
         """The schedule as beat's heap holds it (read in beat's thread, never from the storage)."""
         entries = []
+        now = time.time()
         for event in list(heap or ()):
             entry = event[2]
             if len(entries) >= MAX_ENTRIES:
@@ -248,6 +250,11 @@ class BeatHook:
             except Exception:
                 self._internal_error("entry")
                 continue
+            when = event[0]  # beat's own time for it (Unix time): later when is_due holds it back
+            if isinstance(when, (int, float)) and when - due > 1.0:  # (django-celery-beat's start_time)
+                due = float(when)
+            if due > now + NOT_EXPECTED_AFTER:  # held back for good (an expired django-celery-beat task)
+                due = None
             entries.append({"entry": str(entry.name), "task": str(entry.task), "schedule": words,
                             "next": due, "period": period})
         self._entries = entries

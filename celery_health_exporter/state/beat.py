@@ -192,6 +192,9 @@ class BeatState:
             period = self._period(item.get("period"))
             if period is not None:
                 entry.period = period
+            if "next" in item and item["next"] is None:
+                entry.awaited = None  # beat holds it back for good (e.g. an expired django-celery-beat task)
+                continue
             due = self._time(item.get("next"), now)
             if due is not None and (entry.awaited is None or due > entry.awaited):
                 entry.awaited = due

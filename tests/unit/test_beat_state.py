@@ -166,3 +166,13 @@ def test_metrics_exist_only_once_a_beat_reported(state):
                  'celery_beat_entry_info{entry="job",name="tests.job",schedule="every 10 seconds"} 1\n',
                  "celery_beat_instances "):
         assert line in text
+
+
+def test_an_entry_beat_holds_back_for_good_is_not_awaited(state):
+    """The hook reports next=None for an entry beat will not send again (e.g. an expired
+    django-celery-beat task, which its scheduler reschedules decades away)."""
+    state.apply(heartbeat(NOW, ("job", "tests.job", NOW + 10)), NOW)
+    held = heartbeat(NOW + 1, ("job", "tests.job", None))
+    state.apply(held, NOW + 1)
+    state.expire(NOW + 60)
+    assert entry(state).awaited is None and entry(state).missed == 0
