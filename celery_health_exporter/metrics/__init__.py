@@ -9,6 +9,7 @@ is kept, see ``text.LabelCache``).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from typing import Iterable, Iterator
 from prometheus_client.metrics_core import Metric
 
 from .definitions import AREAS, MetricDef, all_definitions
-from .text import LabelCache, expand_columns, render_families
+from .text import LabelCache, expand_columns, finite_value, render_families
 
 __all__ = ["MetricDef", "ScrapeContext", "StateCollector", "all_definitions"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +32,7 @@ class ScrapeContext:
     state: object
     sources: list = field(default_factory=list)
     now: float = 0.0
+    nonfinite_dropped: int = 0  # samples the renderer refused so far (see text.render_families)
     _in_flight: tuple | None = None
 
     @property
@@ -49,6 +53,10 @@ class StateCollector:
         self.static_labels = dict(static_labels or {})
         self._labels = LabelCache(self.static_labels)
         self._render_lock = threading.Lock()  # the label cache is one scrape's at a time
+        # Non-finite samples left out (celery_exporter_nonfinite_samples_dropped_total): the
+        # model cannot hold one, so each is a bug; logged once per family.
+        self.nonfinite_dropped = 0
+        self._dropped_families: set[str] = set()
 
     def samples(self):
         """Every (definition, label values, value) of a scrape. The state lock is held
@@ -58,7 +66,7 @@ class StateCollector:
     def _samples(self):
         """The same, with the task flows as text.Column samples (what render() takes)."""
         now = time.time()
-        ctx = ScrapeContext(self.state, self.sources, now)
+        ctx = ScrapeContext(self.state, self.sources, now, self.nonfinite_dropped)
         with self.state.lock:
             self.state.expire(now)
             for area in AREAS:
@@ -67,6 +75,9 @@ class StateCollector:
     def collect(self) -> Iterator[Metric]:
         families: dict[MetricDef, Metric] = {}
         for definition, label_values, value in self.samples():
+            if not finite_value(definition.kind, value):
+                self._dropped(self.prefix + definition.name)
+                continue
             family = families.get(definition)
             if family is None:
                 family = families[definition] = Metric(
@@ -81,7 +92,16 @@ class StateCollector:
         it), without building a Metric and a Sample object per line: at 1,000 task
         flows that took about a second, under the state lock."""
         with self._render_lock:
-            return render_families(self._samples(), self.prefix, self.static_labels, openmetrics, self._labels)
+            return render_families(self._samples(), self.prefix, self.static_labels, openmetrics, self._labels,
+                                   self._dropped)
+
+    def _dropped(self, family: str) -> None:
+        """A sample of ``family`` was not finite and is not served (counted; shown from the next scrape)."""
+        self.nonfinite_dropped += 1
+        if family not in self._dropped_families:
+            self._dropped_families.add(family)
+            log.warning("dropped a sample of %s whose value is not finite (NaN or infinite): a bug, please "
+                        "report it; counted in celery_exporter_nonfinite_samples_dropped_total", family)
 
     def _add(self, family: Metric, definition: MetricDef, label_values: Iterable, value) -> None:
         labels = dict(zip(definition.labels, label_values))

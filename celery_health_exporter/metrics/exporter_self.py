@@ -4,8 +4,14 @@ from __future__ import annotations
 from .definitions import counter, gauge, histogram
 
 EVENTS = counter("exporter_events", "Celery events received, by event type.", "type")
-MALFORMED = counter("exporter_events_malformed", "Event messages or events that could not be used, by reason.",
-                    "reason")
+MALFORMED = counter("exporter_events_malformed", "Event messages or events that could not be used, and numbers "
+                    "refused wherever they come from (events, remote-control and hook replies, the broker's API or "
+                    "keys, the host's process table), by reason. Numbers: bad_timestamp (not finite, or more than "
+                    "7 days before or 1 day after the exporter's clock), bad_utcoffset (beyond 24 hours: the "
+                    "exporter's own is used), bad_duration (negative, beyond 10 years; a heartbeat interval beyond "
+                    "1 hour), bad_count (negative or beyond 2**53), bad_number (a ratio outside 0..1); a wrong type "
+                    "(a string, a bool), NaN and infinities count under the same reasons. The number is dropped, "
+                    "not the event, except where state/events.py says otherwise.", "reason")
 EVENT_LAG = histogram("exporter_event_lag_seconds",
                       "Seconds between an event's timestamp (corrected with its utcoffset) and its processing.")
 SOURCE_UP = gauge("exporter_source_up", "1 when the source's last attempt to read succeeded.", "source",
@@ -21,7 +27,12 @@ VANISHED = counter("exporter_tracked_tasks_vanished", "Started tasks dropped fro
                    "worker's later events did: the event was lost (or went to another sharded replica).",
                    source="inspect")
 
-DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED, VANISHED)
+NONFINITE = counter("exporter_nonfinite_samples_dropped", "Samples left out of /metrics because their value was "
+                    "NaN or infinite (never served). The model refuses such numbers as they come in (see "
+                    "celery_exporter_events_malformed_total), so any increase is a bug: the log names the metric.")
+
+DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED, VANISHED,
+               NONFINITE)
 
 
 def collect(ctx):
@@ -31,6 +42,7 @@ def collect(ctx):
     for reason, count in state.malformed.items():
         yield MALFORMED, (reason,), count
     yield EVENT_LAG, (), state.event_lag
+    yield NONFINITE, (), ctx.nonfinite_dropped
     yield TRACKED, (), state.tracked_tasks
     yield EVICTED, (), state.tracked_evicted
     if any(source.name == "inspect" for source in ctx.sources):

@@ -7,6 +7,12 @@ What makes it fast (benchmarks/scrape.py measures it):
   and bucket layout, and one %-format of its counts from ``itertools.accumulate``;
 - the task flows come as ``Column`` samples: one per family, all flows at once,
   their label texts looked up once for the six counters and two histograms.
+
+No sample is ever NaN or ±Inf (a histogram's ``le="+Inf"`` aside). The model
+cannot hold such a value (every number from outside goes through the readers of
+``state.events``); should one get there anyway, this is the last line: the
+sample (for a histogram, the whole series) is left out and ``on_dropped`` is
+called with its family's name (``celery_exporter_nonfinite_samples_dropped_total``).
 """
 from __future__ import annotations
 
@@ -23,15 +29,25 @@ def _escape_help(text: str, openmetrics: bool) -> str:
     return text.replace('"', r"\"") if openmetrics else text
 
 
-def _number(value) -> str:
+# A Python int from here on is read as ±Inf by Prometheus (beyond the float64 range).
+_INT_LIMIT = 2 ** 1024
+
+
+def _number(value) -> str | None:
+    """A sample value as text; None when it is not a finite number (the sample is dropped)."""
     if type(value) is int:  # noqa: E721 - bool must not pass as a count
-        return str(value)
+        return str(value) if -_INT_LIMIT < value < _INT_LIMIT else None
     value = float(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(value)
+    return repr(value) if math.isfinite(value) else None
+
+
+def _ignore_dropped(family: str) -> None:
+    pass
+
+
+def finite_value(kind: str, value) -> bool:
+    """Whether a sample (a histogram: its sum) can be served (for paths other than render_families)."""
+    return _number(value.sum if kind == "histogram" else value) is not None
 
 
 class LabelCache:
@@ -110,30 +126,49 @@ def _histogram_segments(name: str, bounds: tuple, labelled: bool) -> list[str]:
     return segments
 
 
-def _histogram(templates: dict, name: str, labels: str, histogram) -> str:
+def _histogram(templates: dict, name: str, labels: str, histogram) -> str | None:
+    """The series' text; None when its sum is not finite (the series is dropped)."""
+    total = _number(histogram.sum)
+    if total is None:
+        return None
     key = (name, histogram.bounds, bool(labels))
     segments = templates.get(key)
     if segments is None:
         segments = templates[key] = _histogram_segments(name, histogram.bounds, bool(labels))
     counts = list(accumulate(histogram.counts))
-    counts += (counts[-1], _number(histogram.sum))
+    counts += (counts[-1], total)
     if "%" in labels:  # the label text becomes part of the template
         labels = labels.replace("%", "%%")
     return labels.join(segments) % tuple(counts)
 
 
-def _counter_column(cache: "LabelCache", name: str, column: Column, texts: list) -> str:
+def _counter_column(cache: "LabelCache", name: str, column: Column, texts: list, dropped) -> str:
     """All lines of a counter column. The series of a busy cluster change their values,
     rarely their label sets: the lines are kept as one %-template per family until
     the label list differs, and a scrape is one C-level format of the values."""
     values = column.values
-    if set(map(type, values)) != {int}:  # %d is for counts only (and not bools)
-        return "\n".join(f"{name}_total{{{text}}} {_number(v)}" for text, v in zip(texts, values))
+    # %d is for counts only (and not bools), within the float range
+    if set(map(type, values)) != {int} or not -_INT_LIMIT < min(values) <= max(values) < _INT_LIMIT:
+        return "\n".join(_lines(f"{name}_total", texts, values, dropped, name))
     hit = cache.columns.get(name)
     if hit is None or hit[0] != column.labels:  # same tuples in the same order: an identity walk
         template = "\n".join(f"{name}_total{{{text.replace('%', '%%')}}} %d" for text in texts)
         hit = cache.columns[name] = (column.labels, template)
     return hit[1] % tuple(values)
+
+
+def _lines(metric: str, texts: list, values: list, dropped, family: str) -> list[str]:
+    """``metric{labels} value`` lines of a column; a non-finite value's line is left out."""
+    numbers = [_number(v) for v in values]
+    if None not in numbers:
+        return [f"{metric}{{{text}}} {n}" for text, n in zip(texts, numbers)]
+    lines = []
+    for text, n in zip(texts, numbers):
+        if n is None:
+            dropped(family)
+        else:
+            lines.append(f"{metric}{{{text}}} {n}")
+    return lines
 
 
 def _column_texts(cache: LabelCache, names: tuple, labels: list, seen: dict) -> list:
@@ -148,10 +183,12 @@ def _column_texts(cache: LabelCache, names: tuple, labels: list, seen: dict) -> 
 
 
 def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool,
-                    labels: LabelCache | None = None) -> str:
+                    labels: LabelCache | None = None, on_dropped=None) -> str:
     """``samples``: (MetricDef, label values, value) in any order; families come out
-    in first-seen order, each with its HELP and TYPE."""
+    in first-seen order, each with its HELP and TYPE. ``on_dropped(family name)``:
+    called for each sample left out because its value is not finite."""
     cache = labels if labels is not None else LabelCache(static_labels)
+    dropped = on_dropped or _ignore_dropped
     templates: dict[tuple, str] = {}
     families: dict = {}  # by id: a dataclass hash walks every field, at every sample
     current = None
@@ -175,11 +212,16 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
             texts = _column_texts(cache, definition.labels, value.labels, column_texts)
             used += len(texts)
             if kind == "counter":
-                lines.append(_counter_column(cache, name, value, texts))
+                lines.append(_counter_column(cache, name, value, texts, dropped))
             elif kind == "histogram":
-                lines.extend([_histogram(templates, name, text, h) for text, h in zip(texts, value.values)])
+                series = [_histogram(templates, name, text, h) for text, h in zip(texts, value.values)]
+                if None in series:
+                    for _ in range(series.count(None)):
+                        dropped(name)
+                    series = [text for text in series if text is not None]
+                lines.extend(series)
             else:
-                lines.extend([f"{name}{{{text}}} {_number(v)}" for text, v in zip(texts, value.values)])
+                lines.extend(_lines(name, texts, value.values, dropped, name))
             continue
         if definition is not current:
             current = definition
@@ -193,13 +235,20 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
             text = table.get(label_values) or cache.add(table, definition.labels, label_values)
         else:
             text = ""
-        if kind == "counter":
-            number = str(value) if type(value) is int else _number(value)  # noqa: E721
+        if kind == "histogram":
+            series = _histogram(templates, name, text, value)
+            if series is None:
+                dropped(name)
+            else:
+                lines.append(series)
+            continue
+        number = _number(value)
+        if number is None:
+            dropped(name)
+        elif kind == "counter":
             lines.append(f"{name}_total{{{text}}} {number}" if text else f"{name}_total {number}")
-        elif kind == "histogram":
-            lines.append(_histogram(templates, name, text, value))
         else:
-            lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
+            lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
     cache.end_scrape(used)
     out = []
     for definition, name, kind, lines in families.values():

@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 
+from ..state.events import Report, count, count_refused, finite_number, ignore
 from ..state.queues import BrokerState, QueuesSnapshot, QueueStats
 from .queues_common import PollError, QueuePoller
 
@@ -36,28 +37,32 @@ MISSING_WITHOUT_API = (
     "connections and the discovery of queues nobody mentioned (black holes) need the management API")
 
 
-def _number(value) -> float | None:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _count(value) -> int:
-    number = _number(value)
-    return int(number) if number is not None else 0
-
-
-def queue_stats(item: dict) -> QueueStats:
+def queue_stats(item: dict, report: Report = ignore) -> QueueStats | None:
     """One item of the queues listing. ``message_stats`` is absent until a queue
-    has activity, and a new queue's counts until the next stats emission: 0."""
-    stats = item.get("message_stats") or {}
+    has activity, and a new queue's counts until the next stats emission: 0.
+
+    Numbers go through state.events' readers: a bad one (not a number, not finite,
+    negative, beyond 2**53) is reported and its metric left out for this poll (a
+    counter absent for one poll, not reset); a bad ready count leaves out the queue
+    (None), since its length is the one number a queue must have."""
+    stats = item.get("message_stats")
+    stats = stats if isinstance(stats, dict) else {}
+
+    def counted(value) -> int | None:
+        return 0 if value is None else count(value, report)
+
+    ready = counted(item.get("messages_ready"))
+    if ready is None:
+        return None
     return QueueStats(
-        ready=_count(item.get("messages_ready")),
-        unacked=_count(item.get("messages_unacknowledged")),
-        consumers=_count(item.get("consumers")),
-        consumer_utilisation=_number(item.get("consumer_utilisation")),
-        published=_count(stats.get("publish")),
-        delivered=_count(stats.get("deliver_get")),
-        redelivered=_count(stats.get("redeliver")),
-        acked=_count(stats.get("ack")),
+        ready=ready,
+        unacked=counted(item.get("messages_unacknowledged")),
+        consumers=counted(item.get("consumers")),
+        consumer_utilisation=finite_number(item.get("consumer_utilisation"), 0.0, 1.0, report),  # a fraction
+        published=counted(stats.get("publish")),
+        delivered=counted(stats.get("deliver_get")),
+        redelivered=counted(stats.get("redeliver")),
+        acked=counted(stats.get("ack")),
     )
 
 
@@ -132,6 +137,7 @@ class RabbitMQSource(QueuePoller):
             )
         vhost = quote(self.vhost, safe="")
         queues: dict[str, QueueStats] = {}
+        refused: list[str] = []
         page = 1
         while True:
             data = await self._get(f"/api/queues/{vhost}",
@@ -142,12 +148,15 @@ class RabbitMQSource(QueuePoller):
             for item in data["items"]:
                 name = item.get("name") if isinstance(item, dict) else None
                 if isinstance(name, str) and self.accept(name):
-                    queues[name] = queue_stats(item)
-            page_count = _count(data.get("page_count"))
-            if page >= page_count:
+                    stats = queue_stats(item, refused.append)
+                    if stats is not None:
+                        queues[name] = stats
+            page_count = count(data.get("page_count"), refused.append) or 0
+            if page >= page_count or not data["items"]:  # an empty page ends it whatever page_count says
                 break
             page += 1
         connections = await self._get(f"/api/vhosts/{vhost}/connections", {"columns": "name"})
+        count_refused(self.state, refused)
         return QueuesSnapshot(queues=queues, taken_at=time.time(),
                               connections=len(connections) if isinstance(connections, list) else None)
 
@@ -210,6 +219,7 @@ class RabbitMQSource(QueuePoller):
             names = BrokerState.known_queues(self.state)
         names.update(self.config.queues)
         queues: dict[str, QueueStats] = {}
+        refused: list[str] = []
         for name in sorted(n for n in names if self.accept(n)):
             if self._channel is None:
                 self._channel = self._amqp.channel()
@@ -218,7 +228,10 @@ class RabbitMQSource(QueuePoller):
             except self._amqp.channel_errors:  # 404: no such queue; the broker closed the channel
                 self._channel = None
                 continue
-            queues[name] = QueueStats(ready=int(ready), consumers=int(consumers))
+            ready, consumers = count(ready, refused.append), count(consumers, refused.append)
+            if ready is not None:
+                queues[name] = QueueStats(ready=ready, consumers=consumers)
+        count_refused(self.state, refused)
         return QueuesSnapshot(queues=queues, taken_at=time.time())
 
 

@@ -19,6 +19,11 @@ comes from the same channel, so ``global_keyprefix``, ``sep``,
 - Consumers: Redis cannot tell; counted at scrape time from the workers'
   active_queues (remote-control poller), absent when those are unknown.
 
+Any client can write these keys: a delivery time in ``unacked_index`` that is
+not a plausible Unix time (±inf, years away) is refused by state.events'
+``timestamp`` reader, counted in ``celery_exporter_events_malformed_total``
+(``bad_timestamp``) and left out of the oldest-unacked age.
+
 Synchronous redis-py in the source's own thread: kombu's pool is synchronous,
 and one poll is a handful of pipelined round trips.
 """
@@ -30,6 +35,7 @@ import time
 
 import redis
 
+from ..state.events import MAX_DURATION, count, count_refused, timestamp
 from ..state.queues import BrokerState, QueuesSnapshot, QueueStats
 from .queues_common import QueuePoller
 
@@ -106,7 +112,8 @@ class RedisQueuesSource(QueuePoller):
         steps = list(channel.priority_steps)
 
         routes, bound = self._bindings(client, prefix, sep)
-        counts, oldest, sampled = self._unacked(client, prefix, channel, routes)
+        refused: list[str] = []
+        counts, oldest, sampled = self._unacked(client, prefix, channel, routes, refused.append)
         with self.state.lock:
             names = BrokerState.known_queues(self.state)
         names.update(self.config.queues)
@@ -119,10 +126,11 @@ class RedisQueuesSource(QueuePoller):
         queues: dict[str, QueueStats] = {}
         for i, name in enumerate(names):
             row = lengths[i * len(steps):(i + 1) * len(steps)]
-            by_priority = {str(step): int(n or 0) for step, n in zip(steps, row)}
+            by_priority = {str(step): count(n, refused.append) or 0 for step, n in zip(steps, row)}
             queues[name] = QueueStats(
                 ready=sum(by_priority.values()), by_priority=by_priority,
                 unacked=counts.get(name, 0), oldest_unacked_at=oldest.get(name))
+        count_refused(self.state, refused)
         return QueuesSnapshot(queues=queues, taken_at=time.time(),
                               visibility_timeout=float(channel.visibility_timeout),
                               unacked_sampled=sampled, consumers_from_workers=True)
@@ -170,8 +178,9 @@ class RedisQueuesSource(QueuePoller):
         return routes, queues
 
     # --------------------------------------------------------------- unacked
-    def _unacked(self, client, prefix: str, channel, routes):
+    def _unacked(self, client, prefix: str, channel, routes, report):
         """Per queue: unacked count and oldest delivery time; and whether sampled."""
+        now = time.time()
         hash_key = prefix + channel.unacked_key
         index_key = prefix + channel.unacked_index_key
         total = client.hlen(hash_key)
@@ -201,11 +210,12 @@ class RedisQueuesSource(QueuePoller):
         oldest: dict[str, float] = {}
 
         def note(queues, score):
+            score = timestamp(score, now, report, MAX_DURATION)  # a delivery time: may be long ago
             if score is None:
                 return
             for queue in queues:
                 if score < oldest.get(queue, float("inf")):
-                    oldest[queue] = float(score)
+                    oldest[queue] = score
 
         for tag, score in zip(tags, scores):
             note(entries[tag], score)

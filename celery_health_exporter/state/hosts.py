@@ -28,12 +28,20 @@ or to a subreaper. A worker process is counted as an orphan when:
    until its pool has started).
 
 Descendants of an orphan are orphans too.
+
+The numbers of a sample go through ``state.events``' readers: a process whose
+create time is not a plausible Unix time is left out of the scan, a bad RSS
+counts as 0 and a bad CPU time adds nothing this scan (each counted in
+``celery_exporter_events_malformed_total{reason}``).
 """
 from __future__ import annotations
 
 import re
 import socket
 from dataclasses import dataclass, field
+
+from .events import BAD_TIMESTAMP, MAX_CLOCK_AHEAD, MAX_COUNT, Report, count, finite_number, ignore
+from .events import duration as seconds
 
 MAIN, CHILD, ORPHAN = "main", "child", "orphan"
 ROLES = (MAIN, CHILD)
@@ -256,8 +264,10 @@ class HostScan:
 class HostState:
     """What the host agent knows: the last scan's gauges and counters kept across scans."""
 
-    def __init__(self, *, purge_after: float = 600.0, orphan_grace: float = DEFAULT_ORPHAN_GRACE):
+    def __init__(self, *, purge_after: float = 600.0, orphan_grace: float = DEFAULT_ORPHAN_GRACE,
+                 report: Report = ignore):
         self.purge_after = purge_after
+        self.report = report  # counts a refused number (ClusterState.count_malformed)
         self.orphan_grace = orphan_grace
         self.scans = 0
         self.last_scan_at: float | None = None
@@ -272,6 +282,9 @@ class HostState:
     def apply_scan(self, samples: list[ProcessSample], alive_pids, now: float, *, duration: float = 0.0,
                    scanned: int | None = None) -> HostScan:
         known = self._known
+        report = self.report
+        samples = [s for s in samples
+                   if finite_number(s.create_time, 0.0, now + MAX_CLOCK_AHEAD, report, BAD_TIMESTAMP) is not None]
         was_child = {key for key, k in known.items() if k.was_child}
         roles = classify(samples, alive_pids, now, was_child=was_child, orphan_grace=self.orphan_grace)
         scan = HostScan()
@@ -281,24 +294,28 @@ class HostState:
             role = roles[s.pid]
             node = s.command.node
             previous = known.get(s.key)
+            rss = count(s.rss, report) or 0
+            cpu = seconds(s.cpu, report, MAX_COUNT)  # seconds of all cores: may exceed wall time
+            if cpu is None:
+                cpu = previous.cpu if previous is not None else 0.0
             if role == ORPHAN:
                 scan.orphans += 1
-                scan.orphan_rss += s.rss
+                scan.orphan_rss += rss
                 orphan_pids.append(s.pid)
             else:
                 self.node_seen[node] = now
                 key = (node, role)
                 scan.processes[key] = scan.processes.get(key, 0) + 1
-                scan.rss[key] = scan.rss.get(key, 0) + s.rss
-                delta = s.cpu - previous.cpu if previous is not None else s.cpu
+                scan.rss[key] = scan.rss.get(key, 0) + rss
+                delta = cpu - previous.cpu if previous is not None else cpu
                 self.cpu_seconds[key] = self.cpu_seconds.get(key, 0.0) + max(0.0, delta)
                 self.child_spawns.setdefault(node, 0)
                 if role == CHILD:
-                    scan.child_rss_min[node] = min(scan.child_rss_min.get(node, s.rss), s.rss)
-                    scan.child_rss_max[node] = max(scan.child_rss_max.get(node, s.rss), s.rss)
+                    scan.child_rss_min[node] = min(scan.child_rss_min.get(node, rss), rss)
+                    scan.child_rss_max[node] = max(scan.child_rss_max.get(node, rss), rss)
                     if previous is None:
                         self.child_spawns[node] += 1
-            seen[s.key] = _Known(node, role, s.cpu,
+            seen[s.key] = _Known(node, role, cpu,
                                  role == CHILD or (previous is not None and previous.was_child))
         # Every live node has both roles, at 0 when it has no children (solo pool).
         for node, role in list(scan.processes):

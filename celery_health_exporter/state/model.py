@@ -14,7 +14,8 @@ import time
 from collections import OrderedDict
 
 from .cardinality import OTHER, CardinalityCaps
-from .events import MalformedEvent, adjusted_timestamp, event_type, exception_class, number, text
+from .events import (MAX_COUNT, MAX_DURATION, MalformedEvent, count, duration, event_timestamp, event_type,
+                     exception_class, interval, text, timestamp)
 from .histogram import Histogram
 from .queues import BrokerState
 from .hosts import HostState
@@ -221,7 +222,8 @@ class ClusterState:
             "worker-offline": self._on_worker_offline,
         }
         self.broker = BrokerState()  # queues as the broker poller last saw them
-        self.hosts = HostState(purge_after=purge_offline_after)  # worker processes seen by the host agent
+        # worker processes seen by the host agent
+        self.hosts = HostState(purge_after=purge_offline_after, report=self.count_malformed)
         self.publishers = PublisherState(self)  # publisher hook totals (registers its event handler)
 
     def register_handler(self, event_type: str, handler) -> None:
@@ -237,7 +239,7 @@ class ClusterState:
             kind = event_type(event)
             handler = self._handlers.get(kind)
             self._count_type(kind)
-            ts = adjusted_timestamp(event, self.utcoffset)
+            ts = event_timestamp(event, now, self.utcoffset, self.count_malformed)
             if ts is not None:
                 self.event_lag.observe(max(0.0, now - ts))
             if handler is not None and not self._held_for_task_sent(kind, event, now, ts):
@@ -294,10 +296,10 @@ class ClusterState:
             worker = self.workers[hostname] = WorkerState(hostname, now)
         return worker
 
-    def _seen_alive(self, worker: WorkerState, event: dict, now: float, ts: float, kind: str) -> None:
-        pid = number(event, "pid")
-        pid = int(pid) if pid is not None else None
-        processed = number(event, "processed")
+    def _seen_alive(self, worker: WorkerState, event: dict, now: float, ts: float, kind: str) -> int | None:
+        """Returns the event's processed count (None when absent or bad)."""
+        pid = count(event.get("pid"), self.count_malformed)
+        processed = count(event.get("processed"), self.count_malformed)
         if worker.last_heartbeat is not None and worker.hostname != OTHER and (  # "other" is many workers
             kind == "worker-online"  # sent only when a worker process starts
             or (pid is not None and worker.pid is not None and pid != worker.pid)
@@ -312,8 +314,8 @@ class ClusterState:
         worker.online = True
         worker.up = True
         worker.down_since = None
-        freq = number(event, "freq")
-        if freq and freq > 0:
+        freq = interval(event.get("freq"), self.count_malformed)
+        if freq is not None:
             worker.freq = freq
         if pid is not None:
             worker.pid = pid
@@ -321,6 +323,7 @@ class ClusterState:
             value = text(event, key)
             if value is not None:
                 setattr(worker, key, value)
+        return processed
 
     def _restarted(self, worker: WorkerState, now: float) -> None:
         """A known node name came back as a new process."""
@@ -349,16 +352,15 @@ class ClusterState:
 
     def _on_worker_heartbeat(self, event: dict, now: float, ts: float) -> None:
         worker = self._worker(event, now)
-        self._seen_alive(worker, event, now, ts, "worker-heartbeat")
+        processed = self._seen_alive(worker, event, now, ts, "worker-heartbeat")
         # A heartbeat that answers the `heartbeat` control command carries no counts.
-        active = number(event, "active")
+        active = count(event.get("active"), self.count_malformed)
         if active is not None:
-            worker.active = int(active)
-        processed = number(event, "processed")
+            worker.active = active
         if processed is not None:
             if worker.processed is not None and processed > worker.processed:
                 worker.progress_at = now
-            worker.processed = int(processed)
+            worker.processed = processed
         self._update_busy(worker, now)
 
     def _on_worker_offline(self, event: dict, now: float, ts: float) -> None:
@@ -603,8 +605,8 @@ class ClusterState:
     def _on_task_succeeded(self, event: dict, now: float, ts: float) -> None:
         flow, _ = self._finish(event, now)
         flow.succeeded += 1
-        runtime = number(event, "runtime")
-        if runtime is not None and runtime >= 0:
+        runtime = duration(event.get("runtime"), self.count_malformed)
+        if runtime is not None:
             flow.runtime.observe(runtime)
 
     def _count_exception(self, event: dict, record: TaskRecord | None) -> str:
@@ -619,9 +621,9 @@ class ClusterState:
         flow, record = self._finish(event, now)
         exc_name = self._count_exception(event, record)
         flow.failed[exc_name] = flow.failed.get(exc_name, 0) + 1
-        runtime = number(event, "runtime")
-        if runtime is None and record is not None and record.started_at is not None:
-            runtime = ts - record.started_at
+        runtime = duration(event.get("runtime"), self.count_malformed)
+        if "runtime" not in event and record is not None and record.started_at is not None:
+            runtime = ts - record.started_at  # both timestamps bounded: finite
         if runtime is not None and runtime >= 0:
             flow.runtime.observe(runtime)
 
@@ -652,17 +654,18 @@ class ClusterState:
         worker = self.workers.get(hostname)
         if worker is None or not isinstance(stats, dict):
             return
-        uptime = _int(stats.get("uptime"))
+        report = self.count_malformed
+        uptime = duration(stats.get("uptime"), report)
         if uptime is not None:
             worker.start_time = now - uptime
-        worker.prefetch_count = _int(stats.get("prefetch_count"))
+        worker.prefetch_count = count(stats.get("prefetch_count"), report)
         pool = stats.get("pool") if isinstance(stats.get("pool"), dict) else {}
-        worker.max_concurrency = _int(pool.get("max-concurrency"))
+        worker.max_concurrency = count(pool.get("max-concurrency"), report)
         processes = pool.get("processes")
         if isinstance(processes, list):
             pids = frozenset(p for p in processes if isinstance(p, int))
             worker.pool_processes = len(pids)
-            main_pid = _int(stats.get("pid"))
+            main_pid = count(stats.get("pid"), report)
             if worker.hook_snapshot is None and worker.child_pids is not None and worker.child_pids_of == main_pid:
                 # Without the hook, children replaced between two polls are all we can see.
                 new = len(pids - worker.child_pids)
@@ -672,17 +675,16 @@ class ClusterState:
         else:
             worker.pool_processes = None  # solo, threads, gevent: no child processes
         if not worker.limits_from_hook:
-            max_tasks = pool.get("max-tasks-per-child")
-            worker.max_tasks_per_child = max_tasks if isinstance(max_tasks, int) else 0
+            worker.max_tasks_per_child = count(pool.get("max-tasks-per-child"), report) or 0
 
     def apply_conf(self, hostname: str, conf: dict) -> None:
         """`inspect conf`: the limits when set in configuration (a CLI flag is not visible here)."""
         worker = self.workers.get(hostname)
         if worker is None or not isinstance(conf, dict) or worker.limits_from_hook:
             return
-        max_memory = _int(conf.get("worker_max_memory_per_child"))
+        max_memory = count(conf.get("worker_max_memory_per_child"), self.count_malformed, MAX_COUNT // 1024)  # KiB
         worker.max_memory_per_child = max_memory * 1024 if max_memory else 0
-        max_tasks = _int(conf.get("worker_max_tasks_per_child"))
+        max_tasks = count(conf.get("worker_max_tasks_per_child"), self.count_malformed)
         if max_tasks and not worker.max_tasks_per_child:
             worker.max_tasks_per_child = max_tasks
 
@@ -697,15 +699,18 @@ class ClusterState:
             names = frozenset(q["name"] for q in queues if isinstance(q, dict) and isinstance(q.get("name"), str))
             self.worker_queues[hostname] = names
 
-    def apply_active_reserved(self, hostname: str, active, reserved) -> None:
+    def apply_active_reserved(self, hostname: str, active, reserved, now: float | None = None) -> None:
         worker = self.workers.get(hostname)
         if worker is None:
             return
+        now = time.time() if now is None else now
         if isinstance(reserved, list):
             worker.inspect_prefetched = len(reserved)
         if isinstance(active, list):
-            starts = [r["time_start"] for r in active
-                      if isinstance(r, dict) and isinstance(r.get("time_start"), (int, float))]
+            # time_start: the worker's wall clock when the task started; a task may run for long
+            starts = [timestamp(r.get("time_start"), now, self.count_malformed, MAX_DURATION)
+                      for r in active if isinstance(r, dict)]
+            starts = [start for start in starts if start is not None]
             worker.inspect_oldest_start = min(starts) if starts else None
 
     def apply_active_ids(self, listed: dict[str, set], asked_at: float, settle: float) -> None:
@@ -766,46 +771,57 @@ class ClusterState:
                 worker.revoked_limit = limit
 
     def apply_hook(self, hostname: str, reply: dict, now: float) -> None:
-        """The worker hook's cumulative numbers for its main process (see exporter.hooks.worker).
-        Counters are turned into deltas per main pid, so a worker restart never makes ours go back."""
+        """The worker hook's cumulative numbers for its main process (see celery_health_exporter.hooks.worker).
+        Counters are turned into deltas per main pid, so a worker restart never makes ours go back.
+        A bad number among the cumulative ones drops the whole reply (a delta against it would be wrong)."""
         worker = self.workers.get(hostname)
         if worker is None or not isinstance(reply, dict):
             return
-        pid = _int(reply.get("pid"))
+        report = self.count_malformed
+        pid = count(reply.get("pid"), report)
         replacements = reply.get("replacements") if isinstance(reply.get("replacements"), dict) else {}
+        replacements = {reason: count(n, report) for reason, n in replacements.items()
+                        if reason in HOOK_REASONS and n is not None}
         tasks_hist = reply.get("child_tasks") if isinstance(reply.get("child_tasks"), dict) else {}
+        counts = tasks_hist.get("counts")
+        counts = ([count(n, report) for n in counts]
+                  if isinstance(counts, list) and len(counts) == len(CHILD_TASK_BUCKETS) + 1 else None)
+        total = count(tasks_hist.get("sum"), report)  # a sum of task counts
+        if (None in replacements.values() or (counts is not None and None in counts)
+                or (tasks_hist.get("sum") is not None and total is None)):
+            return
         previous = worker.hook_snapshot[1] if worker.hook_snapshot and worker.hook_snapshot[0] == pid else {}
         old_replacements = previous.get("replacements", {})
         for reason in HOOK_REASONS:  # every reason exists from the first reply, so increase() sees the first one
             worker.child_replacements.setdefault(reason, 0)
-        for reason, count in replacements.items():
-            if isinstance(count, int) and reason in HOOK_REASONS:
-                delta = count - old_replacements.get(reason, 0)
-                if delta > 0:
-                    worker.child_replacements[reason] = worker.child_replacements.get(reason, 0) + delta
-        counts = tasks_hist.get("counts")
-        if isinstance(counts, list) and len(counts) == len(CHILD_TASK_BUCKETS) + 1:
+        for reason, n in replacements.items():
+            delta = n - old_replacements.get(reason, 0)
+            if delta > 0:
+                worker.child_replacements[reason] = worker.child_replacements.get(reason, 0) + delta
+        if counts is not None:
             if worker.child_tasks is None:
                 worker.child_tasks = Histogram(CHILD_TASK_BUCKETS)
-            old = previous.get("child_tasks", {}).get("counts") or [0] * len(counts)
+            old = previous.get("counts") or [0] * len(counts)
             for i, (new, before) in enumerate(zip(counts, old)):
-                if isinstance(new, int) and new > before:
+                if new > before:
                     worker.child_tasks.counts[i] += new - before
-            total, old_total = tasks_hist.get("sum"), previous.get("child_tasks", {}).get("sum", 0)
-            if isinstance(total, (int, float)) and total > old_total:
+            old_total = previous.get("sum") or 0
+            if total is not None and total > old_total:
                 worker.child_tasks.sum += total - old_total
-        peak = _int(reply.get("child_peak_rss_bytes"))
+        peak = count(reply.get("child_peak_rss_bytes"), report)
         if peak is not None:
             worker.child_peak_rss = peak
-        max_tasks = _int(reply.get("max_tasks_per_child"))
-        max_memory = _int(reply.get("max_memory_per_child_bytes"))
+        max_tasks = count(reply.get("max_tasks_per_child"), report)
+        max_memory = count(reply.get("max_memory_per_child_bytes"), report)
         if max_tasks is not None and max_memory is not None:
             worker.max_tasks_per_child, worker.max_memory_per_child = max_tasks, max_memory
             worker.limits_from_hook = True
-        revoked, limit = _int(reply.get("revoked")), _int(reply.get("revoked_limit"))
+        revoked, limit = count(reply.get("revoked"), report), count(reply.get("revoked_limit"), report)
         if revoked is not None:
             self.apply_revoked_count(hostname, revoked, limit, now)
-        worker.hook_snapshot = (pid, {"replacements": dict(replacements), "child_tasks": dict(tasks_hist)})
+        worker.hook_snapshot = (pid, {"replacements": {**old_replacements, **replacements},
+                                      "counts": counts if counts is not None else previous.get("counts"),
+                                      "sum": total if total is not None else previous.get("sum")})
 
     # ---------------------------------------------------------------- reading
 
@@ -843,10 +859,6 @@ class ClusterState:
         if self.task_events or not any(w.up for w in self.workers.values()):
             return None
         return now - min(w.first_seen for w in self.workers.values() if w.up)
-
-
-def _int(value) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _iso_timestamp(value) -> float | None:

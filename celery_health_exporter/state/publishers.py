@@ -13,17 +13,26 @@ if it reports again (a broker outage longer than the retirement delay); an
 instance whose totals went down (a reused instance id) is folded and started
 again. A publisher that sent nothing for ``purge_after`` seconds disappears.
 
+Numbers are read with ``state.events``' readers; a bad one (not a number, not
+finite, negative, beyond 2**53) is counted in
+``celery_exporter_events_malformed_total{reason}`` and: a bad total
+(publishes, retries, retry_policy_exceeded) keeps the instance's last good
+value (read as 0 it would look like a new run, and what the instance counted
+before would be counted twice); a bad entry of ``failures`` or ``hook_errors``
+is skipped; a bad number in ``duration`` drops the event
+(``publisher_duration``); a bad ``interval`` or ``pid`` is dropped alone.
+
 Attached to ``ClusterState`` as ``state.publishers``; guarded by
 ``state.lock`` like the rest of the model.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 from ..hooks.protocol import PUBLISHER_EVENT_FORMAT as FORMAT
 from ..hooks.protocol import PUBLISHER_EVENT_TYPE as EVENT_TYPE
-from .events import MalformedEvent, clean_label, number, text
+from .events import (BAD_COUNT, MAX_COUNT, MalformedEvent, Report, clean_label, count, duration, finite_number,
+                     ignore, interval, text)
 from .histogram import Histogram
 
 MAX_EXCEPTION_CLASSES = 32  # per publisher; more become "other"
@@ -105,25 +114,28 @@ class PublisherAggregate:
             self.retired.popitem(last=False)  # its totals stay in base for good
 
 
-def _count(event: dict, key: str) -> int:
-    value = number(event, key, 0.0)
-    return int(value) if value and value > 0 else 0
+SCALARS = (("publishes", "publishes"), ("retries", "retries"), ("exceeded", "retry_policy_exceeded"))
 
 
-def _count_map(value, limit: int) -> dict[str, int]:
+def _count_map(value, limit: int, report: Report) -> dict[str, int]:
     if not isinstance(value, dict):
         return {}
     out: dict[str, int] = {}
     for key, n in value.items():
-        if not isinstance(key, str) or not key or isinstance(n, bool) or not isinstance(n, (int, float)):
+        if not isinstance(key, str) or not key:
             continue
-        if not math.isfinite(n) or n <= 0:
+        n = count(n, report)
+        if not n:
             continue
         label = clean_label(key)
         if label not in out and len(out) >= limit:
             label = "other"
-        out[label] = out.get(label, 0) + int(n)
+        out[label] = out.get(label, 0) + n
     return out
+
+
+def _refuse_duration(reason: str) -> None:
+    raise MalformedEvent("publisher_duration")
 
 
 def _duration(value) -> Histogram | None:
@@ -134,25 +146,27 @@ def _duration(value) -> Histogram | None:
         raise MalformedEvent("publisher_duration")
     if len(counts) != len(bounds) + 1:
         raise MalformedEvent("publisher_duration")
-    try:
-        fbounds = tuple(float(b) for b in bounds)
-        icounts = [int(c) for c in counts]
-        fsum = float(total)
-    except (TypeError, ValueError):
-        raise MalformedEvent("publisher_duration") from None
-    if (any(not math.isfinite(b) for b in fbounds) or any(b2 <= b1 for b1, b2 in zip(fbounds, fbounds[1:]))
-            or any(c < 0 for c in icounts) or not math.isfinite(fsum) or fsum < 0):
+    fbounds = tuple(duration(b, _refuse_duration) for b in bounds)  # seconds
+    icounts = [count(c, _refuse_duration) for c in counts]
+    # a sum of many durations: MAX_COUNT seconds (285 million years) is more than any
+    fsum = finite_number(total, 0.0, float(MAX_COUNT), _refuse_duration, BAD_COUNT)
+    if None in fbounds or None in icounts or fsum is None:
+        raise MalformedEvent("publisher_duration")  # absent where a number is needed
+    if any(b2 <= b1 for b1, b2 in zip(fbounds, fbounds[1:])):
         raise MalformedEvent("publisher_duration")
     return Histogram(fbounds, icounts, fsum)
 
 
-def parse_totals(event: dict) -> Totals:
+def parse_totals(event: dict, report: Report = ignore, before: Totals | None = None) -> Totals:
+    """The event's totals; ``before``: the instance's last ones, whose values stand in for bad totals."""
     totals = Totals()
-    totals.publishes = _count(event, "publishes")
-    totals.retries = _count(event, "retries")
-    totals.exceeded = _count(event, "retry_policy_exceeded")
-    totals.failures = _count_map(event.get("failures"), MAX_EXCEPTION_CLASSES)
-    totals.hook_errors = _count_map(event.get("hook_errors"), MAX_STAGES)
+    for attribute, key in SCALARS:
+        value = count(event.get(key), report)
+        if value is None and key in event and before is not None:
+            value = getattr(before, attribute)  # present but bad: unknown, not reset
+        setattr(totals, attribute, value or 0)
+    totals.failures = _count_map(event.get("failures"), MAX_EXCEPTION_CLASSES, report)
+    totals.hook_errors = _count_map(event.get("hook_errors"), MAX_STAGES, report)
     totals.duration = _duration(event.get("duration"))
     return totals
 
@@ -165,6 +179,7 @@ class PublisherState:
         self.events = 0
         self._next_expire = 0.0
         self.cap = getattr(getattr(cluster, "cardinality", None), "publisher", None)  # --max-publishers
+        self.report: Report = cluster.count_malformed if cluster is not None else ignore
         if cluster is not None:
             cluster.register_handler(EVENT_TYPE, self.on_event)
 
@@ -178,9 +193,14 @@ class PublisherState:
         instance_id = text(event, "instance")
         if instance_id is None:
             raise MalformedEvent("publisher_instance")
-        totals = parse_totals(event)
-        interval = number(event, "interval", 15.0) or 15.0
-        pid = number(event, "pid")
+        agg = self.publishers.get(publisher)
+        before = None
+        if agg is not None:
+            instance = agg.instances.get(instance_id)
+            before = instance.totals if instance is not None else agg.retired.get(instance_id)
+        totals = parse_totals(event, self.report, before)
+        every = interval(event.get("interval"), self.report) or 15.0
+        pid = count(event.get("pid"), self.report)
         self.events += 1
         if now >= self._next_expire:  # at most once a second: O(instances)
             self.expire(now)
@@ -211,13 +231,13 @@ class PublisherState:
                     agg.retired[instance_id] = earlier  # not the same run: the folded totals stay
                 else:
                     agg.base.add(earlier, -1)  # back from retirement: its totals are live again
-            instance = agg.instances[instance_id] = _Instance(totals, now, interval, None if pid is None else int(pid))
+            instance = agg.instances[instance_id] = _Instance(totals, now, every, pid)
         else:
             if totals.went_down_from(instance.totals):
                 agg.base.add(instance.totals)  # a new run under the same id: keep what the old one counted
             instance.totals = totals
             instance.last_seen = now
-            instance.interval = interval
+            instance.interval = every
 
     # ------------------------------------------------------------- lifetime
     def expire(self, now: float) -> None:

@@ -266,10 +266,13 @@ def test_negative_zero_and_absurd_timestamps_do_not_skew_the_lag():
                                          (NOW, 1e300), (1e300, 0))])
     assert state.workers["celery@a"].up
     lag = state.event_lag
-    assert math.isfinite(lag.sum)
-    assert lag.count == 3  # only (NOW, "x"), (NOW, 1e300) and (1e300, 0) carry a usable timestamp
+    assert math.isfinite(lag.sum) and lag.sum < 3600  # seconds since this module was imported
+    # only (NOW, "x") and (NOW, 1e300) carry a usable timestamp, with the exporter's own utcoffset
+    assert lag.count == 2
+    assert state.malformed == {"bad_timestamp": 5, "bad_utcoffset": 2}
     m = parse(render(state)[0])
-    assert m[("celery_exporter_event_lag_seconds_count", ())] == 3
+    assert m[("celery_exporter_event_lag_seconds_count", ())] == 2
+    assert m[("celery_exporter_events_malformed_total", (("reason", "bad_timestamp"),))] == 5
 
 
 def test_wrong_types_in_every_field_of_a_success_still_count_the_success():

@@ -145,3 +145,61 @@ def test_families_without_series_are_not_written():
     text = StateCollector(state, []).render()
     assert "celery_task_failed" not in text and "celery_task_runtime" not in text
     assert all(family.samples for family in _families(text).values())
+
+
+def _values(text):
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_non_finite_value_that_reached_the_model_is_dropped_and_counted(collector, caplog):
+    """The last line of defence: the readers keep NaN and infinities out of the model; if one got
+    there anyway (set here behind their back), its sample is not served, the rest is."""
+    import math
+
+    from celery_health_exporter.state.queues import QueuesSnapshot, QueueStats
+
+    state = collector.state
+    clean = _values(collector.render())
+    assert clean[("celery_exporter_nonfinite_samples_dropped_total", (("cluster", 'e"u'),))] == 0
+    worker = state.workers["w1@h"]
+    worker.start_time = float("nan")  # a gauge, one sample at a time
+    worker.child_peak_rss = 10 ** 400  # an int Prometheus would read as +Inf
+    state.event_lag.sum = float("inf")  # an unlabelled histogram
+    flow = next(iter(worker.flows.values()))
+    flow.runtime.sum = float("-inf")  # a histogram in a Column
+    flow.succeeded = float("nan")  # a counter in a Column (not all ints: the slow path)
+    other = next(iter(state.workers["we\"ird\\host?name@h"].flows.values()))
+    other.received = 2 ** 1100  # an int counter in a Column: the fast path checks the range
+    state.broker.configure(kind="amqp", broker="amqp://x")
+    state.broker.replace(QueuesSnapshot({"q": QueueStats(ready=1, consumer_utilisation=float("nan"))}, T0))
+    with caplog.at_level("WARNING", logger="celery_health_exporter.metrics"):
+        first = collector.render()
+        openmetrics = collector.render(openmetrics=True)
+    values = _values(first)
+    assert all(math.isfinite(v) for v in values.values())
+    sample_lines = [line for line in first.splitlines() if not line.startswith("#")]
+    assert not [line for line in sample_lines if line.rsplit(" ", 1)[1] in ("NaN", "+Inf", "-Inf")]
+    host = (("cluster", 'e"u'), ("hostname", "w1@h"))
+    assert ("celery_worker_start_time_seconds", host) not in values
+    assert ("celery_worker_child_peak_rss_bytes", host) not in values
+    assert ("celery_worker_up", host) in values  # the rest of the worker is served
+    assert ("celery_exporter_event_lag_seconds_count", (("cluster", 'e"u'),)) not in values
+    labels = tuple(sorted((("cluster", 'e"u'),) + tuple(zip(("name", "hostname", "queue_name"), flow.labels))))
+    assert ("celery_task_runtime_count", labels) not in values and ("celery_task_succeeded_total", labels) not in values
+    assert ("celery_task_received_total", labels) in values  # its other counters stay
+    assert ("celery_queue_length", (("cluster", 'e"u'), ("queue_name", "q"))) in values
+    assert ("celery_queue_consumer_utilisation", (("cluster", 'e"u'), ("queue_name", "q"))) not in values
+    # counted: 7 per render, two renders; shown from the scrape after the one that dropped them
+    assert collector.nonfinite_dropped == 14
+    after = _values(collector.render())
+    assert after[("celery_exporter_nonfinite_samples_dropped_total", (("cluster", 'e"u'),))] == 14
+    assert collector.nonfinite_dropped == 21
+    assert "celery_worker_start_time_seconds" in caplog.text  # logged once per family
+    assert caplog.text.count("celery_worker_start_time_seconds") == 1
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+    assert all(math.isfinite(s.value) for f in parse_openmetrics(openmetrics + "# EOF\n") for s in f.samples)
+    # the prometheus_client path (collect) refuses them too
+    assert all(math.isfinite(s.value) for family in collector.collect() for s in family.samples
+               if s.labels.get("le") is None)
