@@ -60,3 +60,44 @@ def test_hostile_numbers_in_events_are_refused_and_counted(broker, make_exporter
     # the text itself: no sample line says NaN or Inf (a bucket's le="+Inf" aside)
     values = [line.rsplit(" ", 1)[1] for line in m.text.splitlines() if line and not line.startswith("#")]
     assert not [v for v in values if v in ("NaN", "+Inf", "-Inf")]
+
+
+def test_a_forged_delivery_time_in_redis_is_refused_and_counted(redis_broker):
+    """Any Redis client can write kombu's ``unacked_index``: a score of -inf would make the oldest
+    unacked age +Inf. The real poller against the real Redis refuses it and counts it."""
+    import redis
+
+    from celery_health_exporter.broker import make_app
+    from celery_health_exporter.config import Config
+    from celery_health_exporter.metrics import StateCollector
+    from celery_health_exporter.sources.redis_queues import RedisQueuesSource
+    from celery_health_exporter.state.model import ClusterState
+    from tests.harness import REDIS_HOST, REDIS_PORT, Metrics
+
+    config = Config(broker_url=redis_broker.url, broker_poll_interval=1)
+    state = ClusterState()
+    source = RedisQueuesSource(config, state, make_app(config))
+    keys = redis.Redis(REDIS_HOST, REDIS_PORT, db=redis_broker.db)
+    with Connection(redis_broker.url) as conn:
+        channel = conn.channel()
+        queue = conn.SimpleQueue("lied-to")
+        for i in range(2):
+            queue.put({"i": i})
+        delivered = [channel.basic_get("lied-to", no_ack=False) for _ in range(2)]
+        assert all(delivered)
+        (forged, _), (honest, honest_at) = keys.zrange("unacked_index", 0, -1, withscores=True)
+        keys.zadd("unacked_index", {forged: float("-inf")})
+        try:
+            assert source.poll_once(), state.broker.reason
+            stats = state.broker.snapshot.queues["lied-to"]
+            assert stats.unacked == 2
+            assert stats.oldest_unacked_at == pytest.approx(honest_at)  # the honest delivery's time
+            assert state.malformed == {"bad_timestamp": 1}
+            m = Metrics(StateCollector(state, [source]).render())
+            assert all(math.isfinite(value) for _, _, value in m.samples)
+            assert 0 <= m.value("celery_queue_oldest_unacked_age_seconds", queue_name="lied-to") < 60
+            assert m.value("celery_exporter_events_malformed_total", reason="bad_timestamp") == 1
+        finally:
+            source.close()
+            for message in delivered:
+                message.ack()
