@@ -622,7 +622,7 @@ class ClusterState:
         exc_name = self._count_exception(event, record)
         flow.failed[exc_name] = flow.failed.get(exc_name, 0) + 1
         runtime = duration(event.get("runtime"), self.count_malformed)
-        if "runtime" not in event and record is not None and record.started_at is not None:
+        if event.get("runtime") is None and record is not None and record.started_at is not None:
             runtime = ts - record.started_at  # both timestamps bounded: finite
         if runtime is not None and runtime >= 0:
             flow.runtime.observe(runtime)
