@@ -20,6 +20,7 @@ from .histogram import Histogram
 from .queues import BrokerState
 from .hosts import HostState
 from .publishers import PublisherState
+from .beat import BeatState
 
 UNKNOWN = "unknown"
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -225,6 +226,7 @@ class ClusterState:
         # worker processes seen by the host agent
         self.hosts = HostState(purge_after=purge_offline_after, report=self.count_malformed)
         self.publishers = PublisherState(self)  # publisher hook totals (registers its event handler)
+        self.beat = BeatState(self)  # periodic tasks, from the beat hook (registers its handlers)
 
     def register_handler(self, event_type: str, handler) -> None:
         """Let a part of the model outside this class take an event type of its
@@ -437,6 +439,7 @@ class ClusterState:
                 self.cardinality.hostname.forget(hostname)
         if self.pending_lost and self.pending_lost[0][0] <= now:
             self._declare_lost(now)
+        self.beat.expire(now)
         while self.unattributed:  # in arrival order, so in deadline order
             uuid, held = next(iter(self.unattributed.items()))
             if held[0][0] > now:
@@ -597,6 +600,7 @@ class ClusterState:
             record = self.finished.get(uuid)
         else:
             self._retire(uuid, record)
+        self.beat.task_finished(uuid, event, record, now)
         flow, worker = self._flow(event, now, record)
         worker.progress_at = now
         self._update_busy(worker, now)
