@@ -2,7 +2,8 @@
 
 ``celery -A tests.apps.beatapp beat`` runs its beat, ``celery -A tests.apps.beatapp worker``
 its tasks. Broker from TEST_BROKER_URL; the hook's label from TEST_BEAT_NAME and its
-report interval from TEST_BEAT_INTERVAL (seconds).
+report interval from TEST_BEAT_INTERVAL (seconds); TEST_BEAT_ENTRIES (comma-separated)
+keeps only those entries of the schedule (default: all).
 
 Entries (every task name belongs to one entry, so the task-sent events of a name are
 the sends of that entry):
@@ -28,12 +29,14 @@ app.conf.update(
     result_backend=None,
     worker_prefetch_multiplier=1,
     timezone="UTC",
-    beat_schedule={
-        "every-second": {"task": "tests.beat.tick", "schedule": timedelta(seconds=1)},
-        "always-fails": {"task": "tests.beat.fail", "schedule": timedelta(seconds=1)},
-        "every-minute": {"task": "tests.beat.minutely", "schedule": crontab()},
-    },
 )
+SCHEDULE = {
+    "every-second": {"task": "tests.beat.tick", "schedule": timedelta(seconds=1)},
+    "always-fails": {"task": "tests.beat.fail", "schedule": timedelta(seconds=1)},
+    "every-minute": {"task": "tests.beat.minutely", "schedule": crontab()},
+}
+_only = [name for name in os.environ.get("TEST_BEAT_ENTRIES", "").split(",") if name]
+app.conf.beat_schedule = {name: entry for name, entry in SCHEDULE.items() if not _only or name in _only}
 
 install(app, interval=float(os.environ.get("TEST_BEAT_INTERVAL", "10")), beat=os.environ.get("TEST_BEAT_NAME"))
 
