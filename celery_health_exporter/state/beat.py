@@ -42,6 +42,7 @@ MAX_SENDS = 1000  # sends taken from one event
 MAX_IDS = 20_000  # task ids of recent sends, to attribute their outcome
 MAX_EARLY = 5_000  # outcomes of tasks whose send is not known yet (the task events travel apart)
 MAX_PERIOD = 366 * 86400.0
+MAX_STAGES = 16  # hook_errors stages per instance
 RECENT_DUES = 8  # due times per entry remembered for duplicate detection
 OUTCOMES = ("succeeded", "failed", "retried", "revoked", "rejected")
 
@@ -128,11 +129,12 @@ class BeatState:
         instance.started = self._time(event.get("started"), now) or instance.started
         errors = event.get("hook_errors")
         if isinstance(errors, dict):
-            for stage, n in list(errors.items())[:16]:
+            for stage, n in list(errors.items())[:MAX_STAGES]:
                 n = count(n, self.report)
                 if isinstance(stage, str) and stage and n is not None:
                     stage = clean_label(stage)
-                    instance.hook_errors[stage] = max(n, instance.hook_errors.get(stage, 0))
+                    if stage in instance.hook_errors or len(instance.hook_errors) < MAX_STAGES:
+                        instance.hook_errors[stage] = max(n, instance.hook_errors.get(stage, 0))
         return instance
 
     def _alive(self, instance: BeatInstance, now: float) -> None:

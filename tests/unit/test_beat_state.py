@@ -176,3 +176,12 @@ def test_an_entry_beat_holds_back_for_good_is_not_awaited(state):
     state.apply(held, NOW + 1)
     state.expire(NOW + 60)
     assert entry(state).awaited is None and entry(state).missed == 0
+
+
+def test_hook_errors_are_cumulative_and_bounded(state):
+    state.apply({**heartbeat(NOW), "hook_errors": {"ship": 3}}, NOW)
+    state.apply({**heartbeat(NOW + 1), "hook_errors": {"ship": 2}}, NOW + 1)  # never backwards
+    for i in range(3):
+        state.apply({**heartbeat(NOW + 2), "hook_errors": {f"forged-{i}-{j}": 1 for j in range(16)}}, NOW + 2)
+    errors = state.beat.hook_errors()
+    assert errors[("beat-a", "ship")] == 3 and len(errors) == 16
