@@ -185,3 +185,14 @@ def test_hook_errors_are_cumulative_and_bounded(state):
         state.apply({**heartbeat(NOW + 2), "hook_errors": {f"forged-{i}-{j}": 1 for j in range(16)}}, NOW + 2)
     errors = state.beat.hook_errors()
     assert errors[("beat-a", "ship")] == 3 and len(errors) == 16
+
+
+def test_the_metric_names_the_issue_asks_for():
+    from celery_health_exporter.metrics import beat as beat_metrics
+
+    exposed = {(d.exposed_name(), d.labels) for d in beat_metrics.DEFINITIONS}
+    entry = ("entry", "name")
+    assert {("celery_beat_up", ("beat",)), ("celery_beat_instances", ()),
+            ("celery_beat_entry_runs_total", entry), ("celery_beat_entry_last_run_timestamp_seconds", entry),
+            ("celery_beat_entry_next_run_timestamp_seconds", entry), ("celery_beat_entry_missed_runs_total", entry),
+            ("celery_beat_duplicate_runs_total", entry), ("celery_beat_entry_failures_total", entry)} <= exposed
