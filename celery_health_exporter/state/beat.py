@@ -43,7 +43,8 @@ MAX_IDS = 20_000  # task ids of recent sends, to attribute their outcome
 MAX_EARLY = 5_000  # outcomes of tasks whose send is not known yet (the task events travel apart)
 MAX_PERIOD = 366 * 86400.0
 MAX_STAGES = 16  # hook_errors stages per instance
-RECENT_DUES = 8  # due times per entry remembered for duplicate detection
+RECENT_DUES = 8
+CLOCK_TOLERANCE = 2.0  # seconds of difference between the beat's clock and ours taken as none  # due times per entry remembered for duplicate detection
 OUTCOMES = ("succeeded", "failed", "retried", "revoked", "rejected")
 
 
@@ -142,9 +143,19 @@ class BeatState:
         instance.up = True
         instance.down_since = None
 
-    def _time(self, value, now: float) -> float | None:
-        """A Unix time from the hook (due, sent, next): within a year of now."""
-        return finite_number(value, now - MAX_PERIOD, now + MAX_PERIOD, self.report, "bad_timestamp")
+    def _time(self, value, now: float, shift: float = 0.0) -> float | None:
+        """A Unix time from the hook (due, sent, next), within a year of now, on the exporter's
+        clock: ``shift`` is what the beat host's clock is behind (``_shift``)."""
+        value = finite_number(value, now - MAX_PERIOD, now + MAX_PERIOD, self.report, "bad_timestamp")
+        return None if value is None else value + shift
+
+    @staticmethod
+    def _shift(now: float, ts: float) -> float:
+        """How far the beat's clock (the event's timestamp) is behind ours, when it is more than
+        CLOCK_TOLERANCE: a beat host whose clock runs late, or events that reach us late (a
+        backlog), would otherwise make due times look missed."""
+        shift = now - ts
+        return shift if abs(shift) > CLOCK_TOLERANCE else 0.0
 
     def _entry(self, name, task, now: float) -> Entry | None:
         if not isinstance(name, str) or not name or not isinstance(task, str) or not task:
@@ -178,6 +189,7 @@ class BeatState:
         if not isinstance(reported, list):
             return
         listed = set()
+        shift = self._shift(now, ts)
         for item in reported[:MAX_ENTRIES]:
             if not isinstance(item, dict):
                 self.report("beat_entry")
@@ -197,7 +209,7 @@ class BeatState:
             if "next" in item and item["next"] is None:
                 entry.awaited = None  # beat holds it back for good (e.g. an expired django-celery-beat task)
                 continue
-            due = self._time(item.get("next"), now)
+            due = self._time(item.get("next"), now, shift)
             if due is not None and (entry.awaited is None or due > entry.awaited):
                 entry.awaited = due
         for key in instance.entries - listed:  # removed from this beat's schedule
@@ -216,6 +228,7 @@ class BeatState:
         sends = event.get("sends")
         if not isinstance(sends, list):
             raise MalformedEvent("beat_sends")
+        shift = self._shift(now, ts)
         for send in sends[:MAX_SENDS]:
             if not isinstance(send, dict):
                 self.report("beat_entry")
@@ -227,25 +240,25 @@ class BeatState:
                 instance.last_seq = seq
             entry = self._entry(send.get("entry"), send.get("task"), now)
             if entry is not None:
-                self._sent(entry, instance, send, now)
+                self._sent(entry, instance, send, now, shift)
 
-    def _sent(self, entry: Entry, instance: BeatInstance, send: dict, now: float) -> None:
+    def _sent(self, entry: Entry, instance: BeatInstance, send: dict, now: float, shift: float) -> None:
         if isinstance(send.get("error"), str):
             entry.send_errors += 1
             return
         entry.runs += 1
-        sent = self._time(send.get("sent"), now)
+        sent = self._time(send.get("sent"), now, shift)
         entry.last_run = max(entry.last_run or 0.0, sent if sent is not None else now)
         period = self._period(send.get("period"))
         if period is not None:
             entry.period = period
-        due = self._time(send.get("due"), now)
+        due = self._time(send.get("due"), now, shift)
         if due is not None:
             tolerance = (entry.period or 2.0) / 2
             if any(other != instance.instance and abs(due - d) < tolerance for d, other in entry.recent):
                 entry.duplicates += 1
             entry.recent.append((due, instance.instance))
-        next_due = self._time(send.get("next"), now)
+        next_due = self._time(send.get("next"), now, shift)
         if next_due is not None and (entry.awaited is None or next_due > entry.awaited):
             entry.awaited = next_due
         task_id = text(send, "id")

@@ -196,3 +196,18 @@ def test_the_metric_names_the_issue_asks_for():
             ("celery_beat_entry_runs_total", entry), ("celery_beat_entry_last_run_timestamp_seconds", entry),
             ("celery_beat_entry_next_run_timestamp_seconds", entry), ("celery_beat_entry_missed_runs_total", entry),
             ("celery_beat_duplicate_runs_total", entry), ("celery_beat_entry_failures_total", entry)} <= exposed
+
+
+@pytest.mark.parametrize("behind", [100.0, -100.0])
+def test_a_beat_whose_clock_is_off_is_judged_on_ours(state, behind):
+    """The beat host's clock ``behind`` seconds late (or early): its due times are moved by
+    what its events' timestamps say, so on-time sends are never missed runs."""
+    beat_now = NOW - behind
+    state.apply(heartbeat(beat_now, ("job", "tests.job", beat_now + 10)), NOW)
+    for seq in range(1, 4):
+        state.apply(sent(beat_now + 10 * seq, seq, beat_now + 10 * seq), NOW + 10 * seq)
+        state.expire(NOW + 10 * seq + 1.5)
+    e = entry(state)
+    assert (e.missed, e.runs, e.awaited, e.last_run) == (0, 3, NOW + 40, NOW + 30)
+    state.expire(NOW + 40 + state.beat.missed_grace + 0.1)
+    assert e.missed == 1
