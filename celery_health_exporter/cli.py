@@ -104,10 +104,11 @@ OPTIONS = [
      "is the whole revoked list, up to ~2 MB per worker); 0 = off.", "value"),
     ("--lost-task-grace", "30", "Seconds after a worker went down before its unfinished tasks count as lost.",
      "value"),
-    ("--task-sent-grace", "10", "Seconds a worker's event that ends a task not known yet (e.g. task-revoked of an "
-     "expired task, which names no task) waits for the task's task-sent, which travels over the publisher's "
-     "connection, to learn its name and queue; then it is counted under `unknown` "
-     "(celery_exporter_unattributed_task_events_total). 0 counts at once.", "value"),
+    ("--task-sent-grace", "10", "Seconds a worker's events of a task wait for the task's task-sent (it travels "
+     "over the publisher's connection and can come last) when they cannot be attributed without it: a "
+     "task-revoked of an expired task names no task, a task-received names no queue. Then they are counted with "
+     "`unknown` (celery_exporter_unattributed_task_events_total). Only while publishers send task-sent; 0 counts "
+     "at once.", "value"),
     ("--beat-timeout", "30", "Seconds without a report from a beat process (beat hook) before it counts as down "
      "(at least two of its report intervals).", "value"),
     ("--beat-missed-grace", "60", "Seconds past an entry's due time without a send from any beat before the run "

@@ -26,13 +26,18 @@ VANISHED = counter("exporter_tracked_tasks_vanished", "Started tasks dropped fro
                    "worker's `inspect active` no longer listed them and no terminal event came although the "
                    "worker's later events did: the event was lost (or went to another sharded replica).",
                    source="inspect")
+UNATTRIBUTED = counter("exporter_unattributed_task_events", "Worker events of tasks whose task-sent did not "
+                       "come within --task-sent-grace, applied with what was known without it: name=\"unknown\" "
+                       "for events that name no task (e.g. task-revoked of an expired task), queue_name=\"unknown\" "
+                       "for a task-received whose queue nothing else told. Publishers without task_send_sent_event "
+                       "or a lost task-sent.")
 
 NONFINITE = counter("exporter_nonfinite_samples_dropped", "Samples left out of /metrics because their value was "
                     "NaN or infinite (never served). The model refuses such numbers as they come in (see "
                     "celery_exporter_events_malformed_total), so any increase is a bug: the log names the metric.")
 
 DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED, VANISHED,
-               NONFINITE)
+               UNATTRIBUTED, NONFINITE)
 
 
 def collect(ctx):
@@ -45,6 +50,7 @@ def collect(ctx):
     yield NONFINITE, (), ctx.nonfinite_dropped
     yield TRACKED, (), state.tracked_tasks
     yield EVICTED, (), state.tracked_evicted
+    yield UNATTRIBUTED, (), state.unattributed_terminal_events
     if any(source.name == "inspect" for source in ctx.sources):
         yield VANISHED, (), state.tracked_vanished
     for source in ctx.sources:

@@ -227,3 +227,22 @@ def exception_class(exception_repr) -> tuple[str, bool]:
     if not match:
         return "unknown", False
     return clean_label(match.group(1).rsplit(".", 1)[-1]), False
+
+
+# billiard (4.x, Celery 5.3+) wraps an exception raised in the worker's main process, e.g. the
+# WorkerLostError of a task whose child died, in ExceptionWithTraceback, whose repr names nothing
+# ("ExceptionWithTraceback()"); the event's traceback ends with the real "module.Class: message".
+_BILLIARD_WRAPPER = re.compile(r"\s*(?:[\w.]+\.)?ExceptionWithTraceback\(\)?")
+
+
+def task_exception(event: dict):
+    """The ``exception`` of a task-failed/task-retried event, unwrapped where billiard
+    hid it: then the last line of the ``traceback`` field."""
+    exception = event.get("exception")
+    if isinstance(exception, str) and _BILLIARD_WRAPPER.match(exception):
+        traceback = event.get("traceback")
+        if isinstance(traceback, str):
+            lines = [line for line in traceback.strip().strip('"').strip().splitlines() if line.strip()]
+            if lines:
+                return lines[-1].strip()
+    return exception

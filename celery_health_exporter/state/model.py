@@ -14,8 +14,9 @@ import time
 from collections import OrderedDict
 
 from .cardinality import OTHER, CardinalityCaps
+from .crashes import CrashState, lost_on_main_exit
 from .events import (MAX_COUNT, MAX_DURATION, MalformedEvent, count, duration, event_timestamp, event_type,
-                     exception_class, interval, text, timestamp)
+                     exception_class, interval, task_exception, text, timestamp)
 from .histogram import Histogram
 from .queues import BrokerState
 from .hosts import HostState
@@ -199,11 +200,12 @@ class ClusterState:
         # (deadline, hostname, epoch that ended, which task states count as lost)
         self.pending_lost: list[tuple[float, str, int, tuple]] = []
         # A task's task-sent comes over the publisher's connection, its other events over
-        # the worker's: a worker can discard an expired or revoked task (task-revoked,
-        # which names no task) before its task-sent arrives. Such terminal events of tasks
-        # not yet known wait here, uuid -> [(deadline, kind, event, now, ts)], up to
-        # task_sent_grace seconds for the task-sent that names them; then they are
-        # counted under "unknown" (and in unattributed_terminal_events).
+        # the worker's, and either can come first: a worker can discard an expired task
+        # (task-revoked, which names no task) or receive a task (task-received, which names
+        # no queue) before its task-sent arrives. Such events wait here, uuid -> [(deadline,
+        # kind, event, now, ts)], up to task_sent_grace seconds for the task-sent that names
+        # the task and its queue; then they are applied with what is known ("unknown") and
+        # counted in unattributed_terminal_events.
         self.unattributed: OrderedDict[str, list[tuple[float, str, dict, float, float]]] = OrderedDict()
         self.unattributed_terminal_events = 0
         # While the exporter receives no events, a worker's silence says nothing about it.
@@ -226,6 +228,7 @@ class ClusterState:
         # worker processes seen by the host agent
         self.hosts = HostState(purge_after=purge_offline_after, report=self.count_malformed)
         self.publishers = PublisherState(self)  # publisher hook totals (registers its event handler)
+        self.crashes = CrashState(self)  # workers that stop on an unrecoverable error (registers its handler)
         self.beat = BeatState(self)  # periodic tasks, from the beat hook (registers its handlers)
 
     def register_handler(self, event_type: str, handler) -> None:
@@ -254,21 +257,39 @@ class ClusterState:
             self.count_malformed(exc.reason)
 
     def _held_for_task_sent(self, kind: str, event: dict, now: float, ts: float | None) -> bool:
-        """Hold a terminal event of a task not known yet (see ``unattributed``)."""
-        if kind not in TERMINAL_EVENTS or self.task_sent_grace <= 0:
+        """Hold the events of a task whose task-sent is still on its way (see ``unattributed``):
+        a terminal event of a task not known at all, or the task-received of a task whose queue
+        nothing else tells, while publishers do send task-sent. The task's later events queue
+        up behind the first one held, so that they are applied in order."""
+        if self.task_sent_grace <= 0 or kind == "task-sent":
             return False
         uuid = text(event, "uuid")
-        if uuid is None or uuid in self.tasks or uuid in self.finished:
+        if uuid is None:
             return False
-        if uuid not in self.unattributed and len(self.unattributed) >= MAX_UNATTRIBUTED:
-            self._release_unattributed(self.unattributed.popitem(last=False)[1], attributed=False)
+        if uuid not in self.unattributed:
+            if uuid in self.tasks or uuid in self.finished:
+                return False
+            if kind == "task-received":
+                if not self.sent or self._queue_known(text(event, "name"), text(event, "hostname")):
+                    return False
+            elif kind not in TERMINAL_EVENTS:
+                return False
+            if len(self.unattributed) >= MAX_UNATTRIBUTED:
+                self._release_unattributed(self.unattributed.popitem(last=False)[1], attributed=False)
         self.unattributed.setdefault(uuid, []).append(
             (now + self.task_sent_grace, kind, event, now, ts if ts is not None else now))
         return True
 
+    def _queue_known(self, name: str | None, hostname: str | None) -> bool:
+        """Whether a task of this name received by this worker has a queue without its task-sent."""
+        if name is None:
+            return False
+        queue = self._queue_for(None, self.cardinality.name.fold(name), hostname)
+        return queue != UNKNOWN
+
     def _release_unattributed(self, held: list, attributed: bool) -> None:
-        """Apply held terminal events: after their task-sent made the task known, or
-        when the grace is over, under "unknown"."""
+        """Apply held events: after their task-sent made the task known, or when the grace
+        is over, with what is known then ("unknown" name or queue)."""
         if not attributed:
             self.unattributed_terminal_events += len(held)
         for _deadline, kind, event, now, ts in held:
@@ -345,6 +366,7 @@ class ClusterState:
     def _went_down(self, worker: WorkerState, now: float, lost_states: tuple) -> None:
         """The process behind this node name is gone: what it held may be lost."""
         self.pending_lost.append((now + self.lost_task_grace, worker.hostname, worker.epoch, lost_states))
+        self.crashes.worker_down(worker.hostname, now)
         worker.epoch += 1
         worker.running = 0
         worker.busy_since = None
@@ -436,9 +458,11 @@ class ClusterState:
             ):
                 del self.workers[hostname]
                 self.worker_queues.pop(hostname, None)
+                self.crashes.forget(hostname)
                 self.cardinality.hostname.forget(hostname)
         if self.pending_lost and self.pending_lost[0][0] <= now:
             self._declare_lost(now)
+        self.crashes.expire(now)
         self.beat.expire(now)
         while self.unattributed:  # in arrival order, so in deadline order
             uuid, held = next(iter(self.unattributed.items()))
@@ -453,7 +477,9 @@ class ClusterState:
         for _deadline, hostname, epoch, states in due:
             for uuid, record in list(self.tasks.items()):
                 if record.hostname == hostname and record.epoch == epoch and record.state in states:
+                    # kept among the finished: a dead worker's late WorkerLostError still finds its name
                     del self.tasks[uuid]
+                    self._retire(uuid, record)
                     name = record.name or UNKNOWN
                     key = (name, self._queue_for(record, name, hostname), "worker_lost")
                     self.lost[key] = self.lost.get(key, 0) + 1
@@ -614,7 +640,7 @@ class ClusterState:
             flow.runtime.observe(runtime)
 
     def _count_exception(self, event: dict, record: TaskRecord | None) -> str:
-        exc_name, wrapped = exception_class(event.get("exception"))
+        exc_name, wrapped = exception_class(task_exception(event))
         exc_name = self.cardinality.exception.fold(exc_name)
         if wrapped:
             key = ((record.name if record else None) or UNKNOWN, exc_name)
@@ -625,6 +651,9 @@ class ClusterState:
         flow, record = self._finish(event, now)
         exc_name = self._count_exception(event, record)
         flow.failed[exc_name] = flow.failed.get(exc_name, 0) + 1
+        if lost_on_main_exit(task_exception(event)):
+            name, hostname, _queue = flow.labels
+            self.crashes.task_lost(hostname, name, self.workers[hostname].up, now)
         runtime = duration(event.get("runtime"), self.count_malformed)
         if event.get("runtime") is None and record is not None and record.started_at is not None:
             runtime = ts - record.started_at  # both timestamps bounded: finite

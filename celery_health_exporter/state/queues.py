@@ -127,12 +127,15 @@ class BrokerState:
     @staticmethod
     def consumers_from_workers(cluster, now: float) -> dict[str, int] | None:
         """Workers consuming each queue, from their active_queues. None (unknown:
-        the count is absent) only while no recent remote-control poll succeeded;
-        after one, a queue no answering worker consumes has 0, also when no
-        worker answered at all. Workers known to be down do not count."""
+        the count is absent) while no recent remote-control poll succeeded or a
+        live worker's queues are not known yet; otherwise a queue no worker
+        consumes has 0, also when there is no live worker at all. Workers known
+        to be down do not count."""
         valid_until = cluster.remote_control_valid_until
         if valid_until is None or now > valid_until:
             return None
+        if any(worker.up and hostname not in cluster.worker_queues for hostname, worker in cluster.workers.items()):
+            return None  # a live worker whose queues are not known yet (it started since the last poll)
         counts: dict[str, int] = {}
         for hostname, queues in cluster.worker_queues.items():
             worker = cluster.workers.get(hostname)

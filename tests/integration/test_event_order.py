@@ -20,7 +20,9 @@ NAME = "tests.add"
 def test_expiries_that_beat_their_task_sent_are_attributed_on_both_brokers(broker, make_exporter, make_worker):
     queue = f"exp-{uuid.uuid4().hex[:6]}"
     exporter = make_exporter(broker.url, "--task-sent-grace", "60", "--inspect-interval", "0")
-    worker = make_worker(broker.url, "expiring", queues=queue)
+    # Celery gives an expired task a message TTL of 0: RabbitMQ drops it unless a consumer can take it at
+    # once, so the worker must have room for all of them (every one then gets its task-revoked).
+    worker = make_worker(broker.url, "expiring", queues=queue, extra=("--prefetch-multiplier", str(TASKS)))
     wait_for(lambda: exporter.scrape().value("celery_worker_up", hostname=worker.hostname) == 1, 30,
              message="worker up")
 

@@ -150,7 +150,7 @@ def test_the_hooks_own_event_round_trips(state):
         send(None, "bad", None)
     body = json.loads(json.dumps(hook.event()))
     assert body["type"] == EVENT_TYPE and body["hostname"] == "api-7"
-    state.apply(body, NOW)
+    state.apply(body, body["timestamp"])
     t = totals(state, "api-7")
     assert (t.publishes, t.retries, t.failures) == (2, 2, {"ConnectionError": 1})
     assert t.duration.cumulative() == [("0.01", 1), ("0.1", 2), ("1.0", 2), ("+Inf", 2)]

@@ -63,13 +63,16 @@ def test_a_task_the_worker_announced_is_counted_at_once(state):
     assert sum(flow_counts(state, "succeeded").values()) == 1
 
 
-def test_events_of_a_held_task_keep_their_order_and_a_later_received_names_it(state):
+def test_events_of_a_held_task_wait_behind_it_in_order_until_its_task_sent(state):
     state.apply(ev("task-retried", uuid="t4", exception="ConnectionError()"), T0)
     state.apply(ev("task-received", uuid="t4", name="app.fetch"), T0 + 1)  # the retry's message
-    assert flow_counts(state, "retried") == {("app.fetch", "unknown"): 1}
     state.apply(ev("task-failed", uuid="t4", exception="ConnectionError()"), T0 + 2)
+    assert flow_counts(state, "retried") == {} and flow_counts(state, "received") == {}
+    state.apply(sent("t4", name="app.fetch", queue="feeds"), T0 + 3)  # the retry's task-sent
+    assert flow_counts(state, "retried") == {("app.fetch", "feeds"): 1}
+    assert flow_counts(state, "received") == {("app.fetch", "feeds"): 1}
     assert sum(flow.failed.get("ConnectionError", 0) for flow in state.workers[W].flows.values()) == 1
-    assert state.unattributed == {}
+    assert state.unattributed == {} and "t4" not in state.tasks
 
 
 def test_memory_is_bounded_the_oldest_held_event_counts_at_once(state, monkeypatch):
@@ -85,3 +88,31 @@ def test_grace_zero_counts_at_once():
     state = ClusterState(utcoffset=0, task_sent_grace=0, now=T0)
     state.apply(revoked_expired("z"), T0)
     assert state.expired == {("unknown", "unknown"): 1}
+
+
+def test_a_task_received_before_its_task_sent_counts_under_the_queue_of_the_task_sent(state):
+    state.apply(sent("earlier", name="app.other", queue="other"), T0)  # publishers send task-sent
+    state.apply(ev("task-received", uuid="r1", name="app.report"), T0 + 1)
+    state.apply(ev("task-started", uuid="r1"), T0 + 1)
+    state.apply(ev("task-succeeded", uuid="r1", runtime=0.1), T0 + 2)
+    assert flow_counts(state, "received") == {}  # its queue is on the way
+    state.apply(sent("r1"), T0 + 3)
+    assert flow_counts(state, "received") == {("app.report", "reports"): 1}
+    assert flow_counts(state, "succeeded") == {("app.report", "reports"): 1}
+    assert "r1" not in state.tasks and state.unattributed == {}
+    # the queue of app.report is now known: the next one is counted at once
+    state.apply(ev("task-received", uuid="r2", name="app.report"), T0 + 4)
+    assert flow_counts(state, "received") == {("app.report", "reports"): 2}
+
+
+def test_without_task_sent_events_in_the_cluster_nothing_waits(state):
+    state.apply(ev("task-received", uuid="n1", name="app.report"), T0)
+    assert flow_counts(state, "received") == {("app.report", "unknown"): 1}
+
+
+def test_a_received_task_whose_task_sent_never_comes_counts_under_unknown_after_the_grace(state):
+    state.apply(sent("earlier", name="app.other", queue="other"), T0)
+    state.apply(ev("task-received", uuid="r3", name="app.report"), T0 + 1)
+    state.expire(T0 + 1 + GRACE + 0.1)
+    assert flow_counts(state, "received") == {("app.report", "unknown"): 1}
+    assert state.unattributed_terminal_events == 1
