@@ -208,6 +208,9 @@ class ClusterState:
         # counted in unattributed_terminal_events.
         self.unattributed: OrderedDict[str, list[tuple[float, str, dict, float, float]]] = OrderedDict()
         self.unattributed_terminal_events = 0
+        # Task names whose task-received waited in vain once: their publishers send no task-sent
+        # (task_send_sent_event off), so their tasks are counted at once from then on.
+        self.names_without_task_sent: OrderedDict[str, None] = OrderedDict()
         # While the exporter receives no events, a worker's silence says nothing about it.
         self.events_interrupted_at: float | None = None
 
@@ -259,8 +262,9 @@ class ClusterState:
     def _held_for_task_sent(self, kind: str, event: dict, now: float, ts: float | None) -> bool:
         """Hold the events of a task whose task-sent is still on its way (see ``unattributed``):
         a terminal event of a task not known at all, or the task-received of a task whose queue
-        nothing else tells, while publishers do send task-sent. The task's later events queue
-        up behind the first one held, so that they are applied in order."""
+        nothing else tells (once per task name whose publishers turn out to send no task-sent).
+        The task's later events queue up behind the first one held, so that they are applied
+        in order."""
         if self.task_sent_grace <= 0 or kind == "task-sent":
             return False
         uuid = text(event, "uuid")
@@ -270,7 +274,8 @@ class ClusterState:
             if uuid in self.tasks or uuid in self.finished:
                 return False
             if kind == "task-received":
-                if not self.sent or self._queue_known(text(event, "name"), text(event, "hostname")):
+                name = text(event, "name")
+                if name in self.names_without_task_sent or self._queue_known(name, text(event, "hostname")):
                     return False
             elif kind not in TERMINAL_EVENTS:
                 return False
@@ -292,6 +297,11 @@ class ClusterState:
         is over, with what is known then ("unknown" name or queue)."""
         if not attributed:
             self.unattributed_terminal_events += len(held)
+            first_kind, first_event = held[0][1], held[0][2]
+            if first_kind == "task-received":  # its publisher sends no task-sent: do not wait for it again
+                self.names_without_task_sent[text(first_event, "name")] = None
+                if len(self.names_without_task_sent) > MAX_UNATTRIBUTED:
+                    self.names_without_task_sent.popitem(last=False)
         for _deadline, kind, event, now, ts in held:
             try:
                 self._handlers[kind](event, now, ts)

@@ -66,7 +66,7 @@ def test_induced_failures_are_each_named_with_their_numbers(redis_broker, make_w
     proc = doctor("--broker-url", redis_broker.url, "--duration", "16s", "--format", "json", *FAST)
     time.sleep(2)  # the doctor is subscribed
     publisher.send_task("tests.block", queue="hung")
-    for _ in range(6):
+    for _ in range(12):  # a storm is 10 or more replacements (thresholds.py, the rule's number)
         publisher.send_task("tests.add", (1, 1), queue="storm")
     for _ in range(3):
         publisher.send_task("tests.add", (1, 1), queue="nobody-consumes-this")
@@ -93,7 +93,7 @@ def test_induced_failures_are_each_named_with_their_numbers(redis_broker, make_w
     assert "tests.retry_unpicklable raised UnpicklableError 1 time(s)" in summary("unpicklable_exception")
     assert f"doomed@{HOST} stopped 1 time(s) without saying goodbye" in summary("unclean_shutdown")
     assert summary("tasks_lost").startswith("1 tests.sleep task(s) from queue doomed were lost")
-    assert summary("tasks_expired").startswith("2 task(s) expired")
+    assert summary("tasks_expired").startswith("2 task(s) of queue doomed expired")
     for finding in report["findings"]:
         assert finding["why"] and finding["fix"] and finding["metric"].startswith("celery_")
     severities = [f["severity"] for f in report["findings"]]

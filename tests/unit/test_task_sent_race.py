@@ -55,7 +55,8 @@ def test_without_a_task_sent_within_the_grace_it_counts_as_unknown_once(state):
     assert state.sent == {("app.report", "reports"): 1}
 
 
-def test_a_task_the_worker_announced_is_counted_at_once(state):
+def test_a_task_whose_name_and_queue_are_known_is_counted_at_once(state):
+    state.apply(sent("earlier", name="app.x", queue="q"), T0)  # routes app.x to q
     state.apply(ev("task-received", uuid="t3", name="app.x"), T0)
     state.apply(ev("task-started", uuid="t3"), T0)
     state.apply(ev("task-succeeded", uuid="t3", runtime=0.5), T0 + 1)
@@ -105,9 +106,15 @@ def test_a_task_received_before_its_task_sent_counts_under_the_queue_of_the_task
     assert flow_counts(state, "received") == {("app.report", "reports"): 2}
 
 
-def test_without_task_sent_events_in_the_cluster_nothing_waits(state):
+def test_a_task_name_whose_publishers_send_no_task_sent_waits_once(state):
     state.apply(ev("task-received", uuid="n1", name="app.report"), T0)
+    assert flow_counts(state, "received") == {}
+    state.expire(T0 + GRACE + 0.1)
     assert flow_counts(state, "received") == {("app.report", "unknown"): 1}
+    state.apply(ev("task-received", uuid="n2", name="app.report"), T0 + 20)  # counted at once now
+    assert flow_counts(state, "received") == {("app.report", "unknown"): 2}
+    state.apply(ev("task-received", uuid="n3", name="app.other"), T0 + 21)  # another name still waits
+    assert flow_counts(state, "received") == {("app.report", "unknown"): 2}
 
 
 def test_a_received_task_whose_task_sent_never_comes_counts_under_unknown_after_the_grace(state):
