@@ -41,6 +41,10 @@ KIND_ALERT = {
     "publish_retries": "CeleryPublishRetries",
     "publish_policy_exceeded": "CeleryPublishRetryPolicyExceeded",
     "orphaned_processes": "CeleryOrphanedWorkerProcesses",
+    "beat_down": "CeleryBeatDown",
+    "periodic_task_missed": "CeleryPeriodicTaskMissed",
+    "duplicate_schedulers": "CeleryBeatDuplicateSchedulers",
+    "periodic_task_failing": "CeleryPeriodicTaskFailing",
     "queue_source_down": "CeleryExporterSourceDown",
     "event_lag": "CeleryExporterEventLagHigh",
 }
@@ -119,6 +123,7 @@ def diagnose(state, now: float, *, stall_after: float | None = None, hint_after:
     found += _revoked(state)
     found += _queues(state, now)
     found += _publishers(state)
+    found += _beat(state, now)
     found += _hosts(state)
     found += _exporter(state)
     found.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.kind, f.subject))
@@ -488,6 +493,61 @@ def _publishers(state) -> list[Finding]:
                 "Publishes that retry block web requests; failed ones are tasks that never exist.",
                 "Check the broker connection from the publishers (network, broker memory/disk alarms).",
                 "celery_publish_retries_total"))
+    return out
+
+
+def _beat(state, now: float) -> list[Finding]:
+    """Periodic tasks, from the beat hook (docs/beat.md): nothing without it."""
+    beat = getattr(state, "beat", None)
+    if beat is None or not beat.seen:
+        return []
+    out = []
+    for instance in beat.instances.values():
+        if not instance.up and any(i.up for i in beat.instances.values() if i.beat == instance.beat):
+            continue  # the same label is up again (a restart)
+        if not instance.up:
+            since = f" for {now - instance.down_since:.0f} s" if instance.down_since is not None else ""
+            out.append(_paging(
+                "beat_down", instance.beat,
+                f"Beat {instance.beat} is down{since}: none of the {len(instance.entries)} entries of its "
+                f"schedule is sent.",
+                "Periodic tasks stop without an error anywhere: reports, cleanups and syncs silently do not run.",
+                "Start beat again (exactly one), with a restart policy; read its log for why it stopped.",
+                "celery_beat_up"))
+    up = beat.instances_up()
+    duplicates = {key: e.duplicates for key, e in beat.entries.items()
+                  if e.duplicates > _rule("duplicate_schedulers")["duplicates"]}
+    if up > _rule("duplicate_schedulers")["instances"] or duplicates:
+        labels = sorted({i.beat for i in beat.instances.values() if i.up})
+        runs = sum(duplicates.values())
+        out.append(_paging(
+            "duplicate_schedulers", "beat",
+            f"{up} beat process(es) up ({', '.join(labels) or 'none'}); {runs} due time(s) sent twice.",
+            "Every periodic task runs once per beat process: double e-mails, double charges.",
+            "Run exactly one beat: one replica with a Recreate strategy, no `worker -B` on several workers.",
+            "celery_beat_instances", ident="duplicate_schedulers"))
+    missed_over = _rule("periodic_task_missed")["missed"]
+    failing = _rule("periodic_task_failing")["failures"]
+    for (entry, name), e in sorted(beat.entries.items()):
+        if e.missed > missed_over:
+            out.append(_paging(
+                "periodic_task_missed", entry,
+                f"Entry {entry} ({name}) missed {e.missed} due time(s) since the exporter started"
+                + (f"; next due {now - e.awaited:.0f} s ago" if e.awaited is not None and e.awaited < now
+                   else "") + ".",
+                "A due time passed with no beat sending it: the job did not run (Celery does not catch up "
+                "missed runs).",
+                "Check that beat runs and is not stuck (celery_beat_up, its log); run the task by hand if the "
+                "run must not be skipped.",
+                "celery_beat_entry_missed_runs_total", key=f"{entry}:{name}"))
+        if e.failures >= failing and e.outcome == "failed":
+            out.append(_paging(
+                "periodic_task_failing", entry,
+                f"Entry {entry} ({name}) failed {e.failures} time(s) since the exporter started, its last run too.",
+                "A periodic task that fails every run is a job not done since it started failing.",
+                "Read the task's traceback in the worker log (celery_task_failed_total has the exception class) "
+                "and fix the task.",
+                "celery_beat_entry_failures_total", key=f"{entry}:{name}"))
     return out
 
 

@@ -334,6 +334,74 @@ sum by (cluster, namespace, job, publisher) (
         comment="Appears at its first increment: counted whole when new in the window.",
     ),
     # ---------------------------------------------------------------------------- hosts
+    # ------------------------------------------------------------------------------- beat
+    "CeleryBeatDown": Rule(
+        expr="""\
+celery_beat_up == 0
+or
+(
+  last_over_time(celery_beat_up[${lookback}]) * 0
+    unless on (cluster, namespace, job, beat) celery_beat_up
+    and on (cluster, namespace, job) group by (cluster, namespace, job) (celery_exporter_source_up)
+)
+""",
+        summary="Celery beat {{ $labels.beat }} is down",
+        description="Beat {{ $labels.beat }} (job {{ $labels.job }}) has celery_beat_up = {{ $value }} for "
+                    "${for:words}: it stopped, or its beat hook's reports stopped for longer than --beat-timeout. "
+                    "No periodic task it schedules runs (the alert outlives the purge of its series by up to "
+                    "${lookback:words}).",
+        threshold="`celery_beat_up == 0` (no report for `--beat-timeout`, or a clean stop), or its series gone "
+                  "for up to `${lookback}` while the exporter is scraped",
+        comment="After --purge-offline-after (default 10 min) a stopped beat's series disappear, and a restarted\n"
+                "exporter never knew it: the second part keeps the alert for ${lookback} after the last sample,\n"
+                "while the exporter itself is scraped (else CeleryExporterDown). A beat renamed on purpose fires\n"
+                "too: silence it, or keep the hook's beat label stable (install(app, beat=...)).",
+    ),
+    "CeleryPeriodicTaskMissed": Rule(
+        expr="""\
+sum by (cluster, namespace, job, entry, name) (
+  """ + _new_or_increase("beat_entry_missed_runs_total", 2) + """
+) > ${missed}
+""",
+        summary="Periodic task {{ $labels.entry }} did not run when due",
+        description="Beat entry {{ $labels.entry }} ({{ $labels.name }}, job {{ $labels.job }}) missed "
+                    "{{ $value | humanize }} due times in the last ${window:words}: no beat sent it within "
+                    "--beat-missed-grace of its due time (beat down or stuck, or the entry lost from its schedule).",
+        threshold="`> ${missed}` missed runs per entry in `[${window}]`",
+        comment="Appears at its first increment: counted whole when new in the window. Grows while beat is\n"
+                "away, so it keeps firing after CeleryBeatDown's series are purged, until the entry's are.",
+    ),
+    "CeleryBeatDuplicateSchedulers": Rule(
+        expr="""\
+max by (cluster, namespace, job) (celery_beat_instances) > ${instances}
+or
+sum by (cluster, namespace, job, entry, name) (
+  """ + _new_or_increase("beat_duplicate_runs_total", 2) + """
+) > ${duplicates}
+""",
+        summary="More than one celery beat runs the schedule",
+        description="{{ if $labels.entry }}Beat entry {{ $labels.entry }} ({{ $labels.name }}, job "
+                    "{{ $labels.job }}) ran {{ $value | humanize }} due times twice in the last "
+                    "${window:words}{{ else }}{{ $value | humanize }} beat processes are up (job {{ $labels.job }})"
+                    "{{ end }}: every periodic task runs once per beat process (double e-mails, double charges).",
+        threshold="`celery_beat_instances > ${instances}`, or `> ${duplicates}` duplicate runs per entry in "
+                  "`[${window}]`",
+        comment="celery_beat_instances is one number per exporter (max over replicas, which see the same beats).\n"
+                "Duplicate runs appear at their first increment: counted whole when new in the window.",
+    ),
+    "CeleryPeriodicTaskFailing": Rule(
+        expr="""\
+sum by (cluster, namespace, job, entry, name) (
+  """ + _new_or_increase("beat_entry_failures_total", 2) + """
+) >= ${failures}
+""",
+        summary="Periodic task {{ $labels.entry }} fails repeatedly",
+        description="The tasks beat sent for entry {{ $labels.entry }} ({{ $labels.name }}, job {{ $labels.job }}) "
+                    "failed {{ $value | humanize }} times in the last ${window:words}.",
+        threshold="`>= ${failures}` failures per entry in `[${window}]`",
+        comment="Appears at its first increment: counted whole when new in the window. Stays while the entry is\n"
+                "scheduled (beat up or not), until the entry's series are purged.",
+    ),
     "CeleryOrphanedWorkerProcesses": Rule(
         expr="celery_host_orphaned_processes > ${processes}",
         summary="Orphaned Celery worker processes on {{ $labels.instance }}",

@@ -139,6 +139,22 @@ ALERTS: tuple[Alert, ...] = (
     Alert("CeleryPublishRetryPolicyExceeded", "celery-publishers", "critical", "1m",
           {"count": 0, "window": "15m"},
           finding="publish_policy_exceeded: more than `count` in the publisher's totals"),
+    # -------------------------------------------------------------------- beat
+    Alert("CeleryBeatDown", "celery-beat", "critical", "2m",
+          {"lookback": "1h"},
+          finding="beat_down: a beat whose celery_beat_up is 0 now (the state keeps it until "
+                  "--purge-offline-after)"),
+    Alert("CeleryPeriodicTaskMissed", "celery-beat", "critical", "1m",
+          {"missed": 0, "window": "1h"},
+          finding="periodic_task_missed: more than `missed` missed runs of an entry since the exporter started"),
+    Alert("CeleryBeatDuplicateSchedulers", "celery-beat", "critical", "2m",
+          {"instances": 1, "duplicates": 0, "window": "15m"},
+          finding="duplicate_schedulers: more than `instances` beat processes up now, or more than `duplicates` "
+                  "duplicate runs of an entry since the exporter started"),
+    Alert("CeleryPeriodicTaskFailing", "celery-beat", "warning", "1m",
+          {"failures": 3, "window": "6h"},
+          finding="periodic_task_failing: at least `failures` failures of an entry since the exporter started, "
+                  "its last run failed"),
     # ------------------------------------------------------------------- hosts
     Alert("CeleryOrphanedWorkerProcesses", "celery-hosts", "warning", "10m",
           {"processes": 0},

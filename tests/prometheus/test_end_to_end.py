@@ -18,7 +18,7 @@ One scenario per module (about 90 s), shared by the tests below:
    a queue fed with no consumer, failing tasks, an unpicklable exception, expired tasks filling
    a small revoked set, publishes retried against a cut broker link (and a kombu that ignores the
    retry policy), an exporter frozen for ten seconds and then cut from the broker. The scenario
-   ends when every alert of Scenario.expected (all 24) has fired with the labels of the worker,
+   ends when every alert of Scenario.expected (all 28) has fired with the labels of the worker,
    queue, task or publisher concerned, as /api/v1/alerts reports it (a monitor thread
    polls it twice a second), or after INDUCE_TIMEOUT.
 
@@ -52,6 +52,8 @@ from tests.harness import HOST, REDIS_HOST, REDIS_PORT, ExporterProcess, TcpProx
 
 from .conftest import ALERTS_FILE, PrometheusConfig, PrometheusError, PrometheusServer, override_rules
 from .test_dashboards import DASHBOARDS, QUERIES, variable_selectors
+from tests.integration.test_beat import BeatProcess
+
 from .test_rules import ALERT_IDS, metric_names
 
 pytestmark = pytest.mark.integration
@@ -66,7 +68,8 @@ VISIBILITY_TIMEOUT = 20  # told to the main exporter: the alert fires at 80 %, a
 REVOKES_MAX = 100  # CELERY_WORKER_REVOKES_MAX of the worker that receives the expired tasks
 PUBLISHER = f"{MARK}-web"
 FAST = ("--inspect-interval", "1", "--worker-timeout", "3", "--stall-after", "4", "--lost-task-grace", "2",
-        "--broker-poll-interval", "1")
+        "--broker-poll-interval", "1", "--beat-timeout", "3", "--beat-missed-grace", "1")
+BEAT_HEALTHY_ENTRIES = "every-second,every-minute"  # tests/apps/beatapp.py; the second beat adds always-fails
 MIXIN_FILE = Path(os.environ.get("CELERY_MIXIN_QUERIES", "/work/shared/compat/celery-mixin-queries.json"))
 
 # Expression overrides, on top of FOR: only where the shipped rule waits for wall-clock time that
@@ -170,6 +173,7 @@ class Scenario:
     monitor: AlertMonitor
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
     extra_workers: list[WorkerProcess] = field(default_factory=list)  # restart-loop incarnations
+    beats: list[BeatProcess] = field(default_factory=list)  # celery beat processes with the beat hook
     proxies: list[TcpProxy] = field(default_factory=list)
     expected: dict[str, dict] = field(default_factory=dict)  # alert -> labels it must carry
     errors: list[str] = field(default_factory=list)  # failures of the scenario threads
@@ -284,7 +288,7 @@ def _setup(workdir: Path, broker, prometheus_factory, cleanup: list) -> Scenario
                  started=time.time())
 
     def stop_workers():
-        for worker in [*s.workers.values(), *s.extra_workers]:
+        for worker in [*s.workers.values(), *s.extra_workers, *s.beats]:
             worker.close()  # SIGKILLs the process group: orphaned pool children too
 
     def stop_threads():  # before stop_workers: no step may start a worker after it
@@ -308,6 +312,8 @@ def _setup(workdir: Path, broker, prometheus_factory, cleanup: list) -> Scenario
     worker("exp", "exp", queues=Q_EXP, concurrency=1, env={**hook_env, "CELERY_WORKER_REVOKES_MAX": str(REVOKES_MAX)})
     worker("orph", "orph", queues=Q_ORPH, concurrency=2, app="tests.apps.hostapp",
            env={"HOSTAPP_KEEP_CHILDREN": "1", "TEST_DEFAULT_QUEUE": Q_ORPH})
+    worker("beat", "beat", concurrency=1, app="tests.apps.beatapp")  # runs the periodic tasks (queue celery)
+    s.beats.append(BeatProcess(broker.url, f"{MARK}-beat-1", workdir, env={"TEST_BEAT_ENTRIES": BEAT_HEALTHY_ENTRIES}))
     main.wait_ready(30)
     aux.wait_ready(30)
     s.note("exporters ready")
@@ -325,7 +331,9 @@ def _setup(workdir: Path, broker, prometheus_factory, cleanup: list) -> Scenario
     # --inspect-timeout each): before that, source_up{source="inspect"} is 0
     _poll(lambda: len(prom.query("celery_exporter_source_up == 1")) >= 4
           and not prom.query("celery_exporter_source_up == 0"), 30, 0.5, "every exporter source up")
-    s.note("workers and sources up")
+    _poll(lambda: prom.query(f'celery_beat_up{{beat="{MARK}-beat-1", instance="{s.main_instance}"}} == 1'), 30, 0.5,
+          "beat up in Prometheus")
+    s.note("workers, beat and sources up")
     return s
 
 
@@ -408,6 +416,10 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         "CeleryExporterNoEvents": {"instance": aux_i},
         "CeleryExporterDown": {"instance": aux_i},
         "CeleryQueueConsumersUnknown": {"queue_name": Q_NOBODY, "instance": aux_i},
+        "CeleryBeatDuplicateSchedulers": {"entry": "every-second", "name": "tests.beat.tick"},
+        "CeleryPeriodicTaskFailing": {"entry": "always-fails", "name": "tests.beat.fail"},
+        "CeleryBeatDown": {"beat": f"{MARK}-beat-2", "instance": main_i},
+        "CeleryPeriodicTaskMissed": {"entry": "always-fails", "name": "tests.beat.fail"},
     }
     app = client(s.broker.url)
     hostapp = Celery("e2e-hostapp-client", broker=s.broker.url, set_as_current=False)
@@ -538,6 +550,20 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         undo()
         s.note(f"publisher totals {hook.snapshot()}")
 
+    def periodic_tasks():
+        """A second beat with the whole schedule: two schedulers (every-second sent twice) and an entry
+        whose task always fails; once both alerts fired it is SIGKILLed: beat down, and the failing
+        entry, which only it scheduled, misses its due times."""
+        beat = BeatProcess(s.broker.url, f"{MARK}-beat-2", s.main.log_path.parent)
+        s.beats.append(beat)
+        _poll(lambda: s.monitor.matching("CeleryBeatDuplicateSchedulers", since=s.induced,
+                                         **s.expected["CeleryBeatDuplicateSchedulers"])
+              and s.monitor.matching("CeleryPeriodicTaskFailing", since=s.induced,
+                                     **s.expected["CeleryPeriodicTaskFailing"]), 60, 0.5,
+              what="duplicate schedulers and failing periodic task alerts")
+        beat.kill()
+        s.note("beat-2 SIGKILLed")
+
     def exporter_frozen_then_cut():
         os.kill(s.aux.proc.pid, signal.SIGSTOP)  # a frozen exporter (CPU throttled, swapped out...)
         time.sleep(10)
@@ -549,7 +575,7 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
 
     steps = [hung_task, sigkill_while_running, queue_without_consumer, failing_tasks, unrecoverable_error,
              expired_tasks,
-             recycle_storm, restart_loop, publish_against_a_cut_link, exporter_frozen_then_cut]
+             recycle_storm, restart_loop, publish_against_a_cut_link, periodic_tasks, exporter_frozen_then_cut]
     threads = s.threads
     for step in steps:
         def run(step=step):

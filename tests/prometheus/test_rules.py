@@ -95,6 +95,20 @@ CONTRACT_METRICS = {
     "celery_publish_failures_total",
     "celery_publish_retry_policy_exceeded_total",
     "celery_publish_duration_seconds",
+    # issue 16 - periodic tasks (beat hook)
+    "celery_beat_up",
+    "celery_beat_instances",
+    "celery_beat_entry_runs_total",
+    "celery_beat_entry_last_run_timestamp_seconds",
+    "celery_beat_entry_next_run_timestamp_seconds",
+    "celery_beat_entry_missed_runs_total",
+    "celery_beat_duplicate_runs_total",
+    "celery_beat_entry_failures_total",
+    "celery_beat_entry_send_errors_total",
+    "celery_beat_entry_last_run_success",
+    "celery_beat_entry_last_run_duration_seconds",
+    "celery_beat_entry_info",
+    "celery_beat_hook_errors_total",
 }
 HISTOGRAMS = {
     "celery_task_runtime",
@@ -144,6 +158,11 @@ REQUIRED_ALERTS = {
     "CeleryExporterNoEvents",
     "CeleryExporterSourceDown",
     "CeleryExporterEventLagHigh",
+    # issue 16: periodic tasks
+    "CeleryBeatDown",
+    "CeleryPeriodicTaskMissed",
+    "CeleryBeatDuplicateSchedulers",
+    "CeleryPeriodicTaskFailing",
 }
 RUNBOOK_BASE = "https://github.com/celery-health-exporter/celery-health-exporter/blob/main/docs/runbooks.md#"
 
@@ -348,8 +367,8 @@ def test_alert_has_for_severity_annotations_and_runbook(alert):
     assert ann.get("summary", "").strip()
     desc = ann.get("description", "")
     assert "$value" in desc, "the description must give the number"
-    assert re.search(r"\$labels\.(hostname|queue_name|name|publisher|instance|source)", desc), \
-        "the description must name the worker / queue / task"
+    assert re.search(r"\$labels\.(hostname|queue_name|name|publisher|instance|source|beat)", desc), \
+        "the description must name the worker / queue / task / beat"
     assert ann.get("runbook_url", "").startswith(RUNBOOK_BASE)
 
 

@@ -285,6 +285,45 @@ def lagging(seconds_late):
     return s, T0
 
 
+BEAT_ENTRY = {"entry": "nightly", "task": "app.nightly", "schedule": "every 10 seconds", "next": T0 + 10,
+              "period": 10.0}
+
+
+def beat_event(kind, instance="b1", label="beat-1", **fields):
+    return {"type": kind, "hostname": label, "instance": instance, "timestamp": T0, "utcoffset": 0, "interval": 1,
+            **fields}
+
+
+def beats(up, down=0):
+    """``up`` beat processes reporting, ``down`` more that stopped cleanly."""
+    s = fresh()
+    for i in range(up + down):
+        s.apply(beat_event("exporter-beat", instance=f"b{i}", label=f"beat-{i}", entries=[BEAT_ENTRY]), T0)
+    for i in range(up, up + down):
+        s.apply(beat_event("exporter-beat-offline", instance=f"b{i}", label=f"beat-{i}"), T0)
+    return s, T0
+
+
+def missed(n):
+    """The entry's due times (every 10 s from T0 + 10) pass the grace with no send: ``n`` of them."""
+    s, _ = beats(1)
+    now = T0 + 10 + s.beat.missed_grace + 10 * (n - 1) + 0.5 if n else T0 + 1
+    s.expire(now)
+    return s, now
+
+
+def periodic_failures(n):
+    s, _ = beats(1)
+    alive(s)
+    sends = [{"entry": "nightly", "task": "app.nightly", "id": f"p{i}", "due": T0, "sent": T0, "next": T0 + 10,
+              "period": 10.0, "seq": i + 1} for i in range(n + 1)]
+    s.apply(beat_event("exporter-beat-sent", sends=sends), T0)
+    s.apply(ev("task-succeeded", uuid=f"p{n}", runtime=0.1), T0)  # an earlier run that succeeded
+    for i in range(n):
+        s.apply(ev("task-failed", uuid=f"p{i}", exception="ValueError('x')"), T0)
+    return s, T0
+
+
 def _value(alert, key):
     return thresholds.alert(alert)[key]
 
@@ -332,6 +371,13 @@ EDGES = {
     "event_lag": lambda: (lagging(_value("CeleryExporterEventLagHigh", "lag") * 0.9),
                           lagging(_value("CeleryExporterEventLagHigh", "lag") * 1.5)),
     "worker_stalled": None,  # the exporter's --stall-after, not a threshold of thresholds.py
+    "beat_down": lambda: (beats(1), beats(0, down=1)),
+    "periodic_task_missed": lambda: (missed(_value("CeleryPeriodicTaskMissed", "missed")),
+                                     missed(_value("CeleryPeriodicTaskMissed", "missed") + 1)),
+    "duplicate_schedulers": lambda: (beats(_value("CeleryBeatDuplicateSchedulers", "instances")),
+                                     beats(_value("CeleryBeatDuplicateSchedulers", "instances") + 1)),
+    "periodic_task_failing": lambda: (periodic_failures(_value("CeleryPeriodicTaskFailing", "failures") - 1),
+                                      periodic_failures(_value("CeleryPeriodicTaskFailing", "failures"))),
 }
 
 
