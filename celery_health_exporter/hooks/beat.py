@@ -36,6 +36,7 @@ import weakref
 from collections import deque
 from datetime import timedelta
 
+from ._events import EventLink
 from .protocol import BEAT_EVENT_FORMAT as FORMAT
 from .protocol import BEAT_EVENT_TYPE as EVENT_TYPE
 from .protocol import BEAT_OFFLINE_EVENT_TYPE as OFFLINE_EVENT_TYPE
@@ -126,7 +127,6 @@ class BeatHook:
         self.app = app
         self.interval = float(interval) if interval and interval > 0 else 10.0
         self.beat = beat if isinstance(beat, str) and beat else socket.gethostname()
-        self.connect_timeout = connect_timeout
         self.instance = uuid.uuid4().hex
         self.started_at = time.time()
         self.scheduler_class = None
@@ -143,7 +143,7 @@ class BeatHook:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._conn = self._producer = self._exchange = None
+        self._link = EventLink(app, connect_timeout)
         self.scheduler = None
 
     # ------------------------------------------------------------- install
@@ -309,40 +309,12 @@ class BeatHook:
     def _publish(self, body: dict) -> bool:
         try:
             with self._ship_lock:
-                try:
-                    producer, exchange = self._ensure_producer()
-                    producer.publish(body, exchange=exchange, routing_key=body["type"].replace("-", "."),
-                                     declare=[exchange], serializer="json", retry=False,
-                                     headers={"hostname": self.beat})
-                except Exception:
-                    self._drop_connection()
-                    raise
+                self._link.publish(body, body["type"].replace("-", "."), self.beat)
                 self.shipped += 1
             return True
         except Exception:
             self._internal_error("ship")
             return False
-
-    def _ensure_producer(self):
-        if self._producer is None:
-            from celery.events.event import get_exchange
-
-            conn = self.app.connection_for_write(heartbeat=0, connect_timeout=self.connect_timeout,
-                                                 transport_options={"max_retries": 0})
-            self._conn = conn
-            conn.ensure_connection(max_retries=max(0, len(getattr(conn, "alt", ()) or ()) - 1),
-                                   interval_start=0, timeout=self.connect_timeout)
-            self._exchange = get_exchange(conn, name=self.app.conf.event_exchange)
-            self._producer = conn.Producer(serializer="json")
-        return self._producer, self._exchange
-
-    def _drop_connection(self) -> None:
-        conn, self._conn, self._producer = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.collect()
-            except Exception:
-                pass
 
     def stop(self, offline: bool = True, timeout: float = 2.0) -> None:
         """Stop the thread, ship what is pending, and say the beat is gone."""
@@ -354,12 +326,7 @@ class BeatHook:
         self.ship_sends()
         if offline:
             self._publish(self._envelope(OFFLINE_EVENT_TYPE))
-        conn, self._conn, self._producer = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.release()
-            except Exception:
-                pass
+        self._link.close()
 
     def _at_exit(self) -> None:
         if self._thread is not None and not self._stop.is_set():

@@ -39,6 +39,7 @@ import weakref
 from bisect import bisect_left
 from time import perf_counter
 
+from ._events import EventLink
 from .protocol import PUBLISHER_EVENT_FORMAT as FORMAT
 from .protocol import PUBLISHER_EVENT_TYPE as EVENT_TYPE
 
@@ -88,8 +89,8 @@ class PublisherHook:
         self.interval = float(interval) if interval and interval > 0 else 15.0
         self.publisher = publisher if isinstance(publisher, str) and publisher else socket.gethostname()
         self.bounds = tuple(float(b) for b in buckets)
-        self.connect_timeout = connect_timeout
         self.flush_at_exit = flush_at_exit
+        self.connect_timeout = connect_timeout
         self._errbacks: dict = {}
         self._reset()
         self_ref = weakref.ref(self)
@@ -110,9 +111,8 @@ class PublisherHook:
         self._threads: list[tuple] = []  # (weakref to a thread, its _Counters)
         self.hook_errors: dict[str, int] = {}
         self.shipped = 0  # events sent successfully
-        self._conn = None  # never closed in a child: the socket is the parent's
-        self._producer = None
-        self._exchange = None
+        # a new link in a forked child: the parent's socket is never closed from here
+        self._link = EventLink(self.app, self.connect_timeout)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -323,14 +323,7 @@ class PublisherHook:
         """Send the totals now. False (and counted in hook_errors["ship"]) when the broker is unreachable."""
         try:
             with self._ship_lock:
-                body = self.event()
-                try:
-                    producer, exchange = self._ensure_producer()
-                    producer.publish(body, exchange=exchange, routing_key=ROUTING_KEY, declare=[exchange],
-                                     serializer="json", retry=False, headers={"hostname": self.publisher})
-                except Exception:
-                    self._drop_connection()
-                    raise
+                self._link.publish(self.event(), ROUTING_KEY, self.publisher)
                 self.shipped += 1
             return True
         except Exception:
@@ -338,27 +331,6 @@ class PublisherHook:
             return False
 
     flush = ship
-
-    def _ensure_producer(self):
-        if self._producer is None:
-            from celery.events.event import get_exchange
-
-            conn = self.app.connection_for_write(heartbeat=0, connect_timeout=self.connect_timeout,
-                                                 transport_options={"max_retries": 0})
-            self._conn = conn
-            conn.ensure_connection(max_retries=max(0, len(getattr(conn, "alt", ()) or ()) - 1),
-                                   interval_start=0, timeout=self.connect_timeout)
-            self._exchange = get_exchange(conn, name=self.app.conf.event_exchange)
-            self._producer = conn.Producer(serializer="json")
-        return self._producer, self._exchange
-
-    def _drop_connection(self) -> None:
-        conn, self._conn, self._producer = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.collect()  # forget the sockets without a close handshake on a dead link
-            except Exception:
-                pass
 
     def stop(self, flush: bool = True, timeout: float = 5.0) -> None:
         """Stop the thread (and send the totals one last time)."""
@@ -368,12 +340,7 @@ class PublisherHook:
             thread.join(timeout)
         if flush and thread is not None:
             self.ship()
-        conn, self._conn, self._producer = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.release()
-            except Exception:
-                pass
+        self._link.close()
 
     def _at_exit(self) -> None:
         if self._thread is not None and not self._stop.is_set():
