@@ -18,7 +18,9 @@ from amqp.transport import TCPTransport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_health_exporter.sources.events import READ_CHUNK, TAKE_LIMIT, FrameReader, PubSubParser, RedisReader
+from celery_health_exporter.sources.amqp_wire import READ_CHUNK, FrameReader
+from celery_health_exporter.sources.redis_wire import READ_CHUNK as REDIS_READ_CHUNK
+from celery_health_exporter.sources.redis_wire import TAKE_LIMIT, PubSubParser, RedisReader
 from celery_health_exporter.state.ingest import IngestStats
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
@@ -294,9 +296,10 @@ def test_payloads_with_crlf_and_resp_lookalikes():
 
 
 def test_large_payload_over_many_chunks():
-    payload = (b'{"type": "task-succeeded"}\r\n' * 200_000)[: 5 * READ_CHUNK]
+    payload = (b'{"type": "task-succeeded"}\r\n' * 200_000)[: 5 * REDIS_READ_CHUNK]
     stream = pmessage(payload) + message(b"after")
-    assert feed_chunks([stream[i:i + READ_CHUNK] for i in range(0, len(stream), READ_CHUNK)]) == [payload, b"after"]
+    chunks = [stream[i:i + REDIS_READ_CHUNK] for i in range(0, len(stream), REDIS_READ_CHUNK)]
+    assert feed_chunks(chunks) == [payload, b"after"]
 
 
 def test_empty_payload_and_empty_feed():
@@ -408,12 +411,12 @@ def test_take_stops_at_the_first_chunk_that_reaches_the_limit():
 
 
 def test_take_default_limit_bounds_each_slice():
-    reader, ingest = loaded_reader([b"x" * READ_CHUNK] * 6)
+    reader, ingest = loaded_reader([b"x" * REDIS_READ_CHUNK] * 6)
     sizes = []
     while data := reader.take(0):
         sizes.append(len(data))
-    assert sizes == [TAKE_LIMIT, 6 * READ_CHUNK - TAKE_LIMIT]
-    assert max(sizes) < TAKE_LIMIT + READ_CHUNK and ingest.backlog_bytes == 0
+    assert sizes == [TAKE_LIMIT, 6 * REDIS_READ_CHUNK - TAKE_LIMIT]
+    assert max(sizes) < TAKE_LIMIT + REDIS_READ_CHUNK and ingest.backlog_bytes == 0
 
 
 def test_take_waits_up_to_its_timeout():
@@ -473,7 +476,7 @@ def test_reader_pauses_at_its_backlog_limit_and_resumes_when_it_is_taken():
             time.sleep(0.01)
         time.sleep(0.3)  # had it not paused, it would read everything meanwhile
         held = ingest.backlog_bytes
-        assert 5000 < held <= 5000 + READ_CHUNK and sock.chunks, held
+        assert 5000 < held <= 5000 + REDIS_READ_CHUNK and sock.chunks, held
         parser, out = PubSubParser(), []
         deadline = time.monotonic() + 5
         while len(out) < 50 and time.monotonic() < deadline:
