@@ -1,12 +1,23 @@
-"""What every data source shares: a name, a health record, a thread, a clean stop.
+"""What every data source shares: a name, a health record, a thread, a clean stop,
+and the error model.
 
 A source only reads and translates into the state model; it never renders.
+
+Errors: only the broker's (or the host's) failures to answer are outages — connection,
+channel and protocol errors of kombu, py-amqp, redis-py and aiohttp, ``OSError`` and
+timeouts (``is_outage``). They mark the source down and it reconnects. Anything else is
+a bug in this exporter: logged once with its traceback (per kind and place), counted
+in ``celery_exporter_internal_errors_total{source}``, and the source carries on with
+the next message or poll, keeping its connection and what it had read.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -17,6 +28,41 @@ class SourceHealth:
     last_success: float | None = None
     reconnects: int = 0
     down_since: float | None = None
+    failures: int = 0  # failed reads (each retry during an outage counts)
+    internal_errors: int = 0  # bugs contained (see is_outage)
+    last_poll_seconds: float | None = None  # polling sources: how long the last poll took
+
+
+class PollError(Exception):
+    """A failure of the broker already put in words for the log and the status page (no secrets)."""
+
+
+@functools.cache
+def _outage_types() -> tuple[type, ...]:
+    import aiohttp
+    import amqp.exceptions
+    import kombu.exceptions
+    import psutil
+    import redis.exceptions
+
+    return (OSError, TimeoutError, PollError,  # OSError: sockets, TLS, DNS, refused, reset
+            amqp.exceptions.AMQPError,  # connection, channel and frame errors, ACCESS_REFUSED, NOT_FOUND
+            kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError,
+            kombu.exceptions.ChannelError, kombu.exceptions.InconsistencyError,
+            redis.exceptions.RedisError,  # connection, timeout, protocol, NOPERM, auth
+            aiohttp.ClientError,
+            psutil.Error)  # the host's process table cannot be read
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the data cannot be read now (retry), rather than a bug here."""
+    return isinstance(exc, _outage_types())
+
+
+def _place(exc: BaseException) -> str:
+    """Where an exception was raised (innermost frame): the key of 'logged once'."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
 class Source:
@@ -33,6 +79,7 @@ class Source:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._was_up_once = False
+        self._bugs_logged: set[tuple[str, str]] = set()
 
     # lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -52,11 +99,39 @@ class Source:
         raise NotImplementedError
 
     def _run_guarded(self) -> None:
+        """run() contains its own bugs; one that escapes it restarts it (after a pause),
+        so that a bug never stops a source for good."""
+        backoff = Backoff(first=1.0, ceiling=60.0)
+        while not self.stopping:
+            try:
+                self.run()
+                return
+            except Exception as exc:
+                if self.stopping:
+                    return
+                self.internal_error(exc, "running")
+                self.sleep(backoff.next())
+
+    # errors ---------------------------------------------------------------
+    def internal_error(self, exc: BaseException, doing: str) -> None:
+        """Count a bug; log it with its traceback the first time it happens at its place."""
+        self.health.internal_errors += 1
+        key = (type(exc).__name__, _place(exc))
+        if key not in self._bugs_logged and len(self._bugs_logged) < 100:
+            self._bugs_logged.add(key)
+            self.log.error("%s: internal error while %s, skipped (a bug, please report it with this traceback; "
+                           "counted in celery_exporter_internal_errors_total, logged once per place)",
+                           self.name, doing, exc_info=exc)
+
+    @contextmanager
+    def bugs_contained(self, doing: str):
+        """Run a step; a bug in it is counted and skipped, an outage goes up to the caller."""
         try:
-            self.run()
-        except Exception as exc:  # a bug must not kill the thread silently
-            self.log.error("source %s stopped on an unexpected error: %s: %s", self.name, type(exc).__name__, exc)
-            self.mark_down(f"crashed: {type(exc).__name__}")
+            yield
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            self.internal_error(exc, doing)
 
     @property
     def stopping(self) -> bool:
@@ -85,6 +160,7 @@ class Source:
 
     def mark_down(self, reason: str, now: float | None = None) -> None:
         health = self.health
+        health.failures += 1
         if health.up or health.down_since is None:
             self.log.warning("%s: down: %s (retrying in the background; logged once per outage)",
                              self.name, reason)

@@ -41,7 +41,7 @@ from ..logs import describe_error
 from ..state.events import MalformedEvent, decode_body
 from ..state.ingest import IngestStats
 from .amqp_wire import FrameReader
-from .base import Backoff, Source
+from .base import Backoff, Source, is_outage
 from .redis_wire import SOCKET_RCVBUF, PubSubParser, RedisReader
 
 DRAIN_TIMEOUT = 0.5
@@ -136,7 +136,10 @@ class EventsSource(Source):
         apply = state.apply
         with state.lock:
             for event in events:
-                apply(event, now)
+                try:
+                    apply(event, now)
+                except Exception as exc:  # a bug: this event is skipped, the stream goes on
+                    self.internal_error(exc, f"applying a {event.get('type')!r} event")
 
     def _on_amqp_message(self, message) -> None:
         self.apply_body(message.body, message.properties.get("content_type"))
@@ -185,12 +188,16 @@ class EventsSource(Source):
         while not self.stopping:
             try:
                 self._consume(backoff)
-            except Exception as exc:  # every failure of the broker or the network is an outage
+            except Exception as exc:
                 if self.stopping:
                     break
-                if self.health.up:
-                    self.ingest.subscription_drops += 1
-                self.mark_down(describe_error(exc))
+                if not is_outage(exc):  # a bug outside the per-event guard: counted, then reconnect
+                    self.internal_error(exc, "consuming events")
+                    self.mark_down(f"internal error: {type(exc).__name__} (a bug, see the log)")
+                else:
+                    if self.health.up:
+                        self.ingest.subscription_drops += 1
+                    self.mark_down(describe_error(exc))
             self.sleep(backoff.next())
 
     def _consume(self, backoff: Backoff) -> None:
@@ -231,7 +238,8 @@ class EventsSource(Source):
             self._ack(channel)
             connection.heartbeat_check()
             self.mark_up()
-            self._periodic(connection)
+            with self.bugs_contained("the periodic steps"):
+                self._periodic(connection)
         try:
             self._ack(channel)
             for tag in tags:
@@ -271,7 +279,8 @@ class EventsSource(Source):
                 if now - reader.last_data > REDIS_SILENCE_LIMIT:
                     raise ConnectionError(f"no reply from Redis for {REDIS_SILENCE_LIMIT:.0f}s")
                 self.mark_up()
-                self._periodic(connection)
+                with self.bugs_contained("the periodic steps"):
+                    self._periodic(connection)
         finally:
             reader.stop()
             self.ingest.backlog_bytes = 0

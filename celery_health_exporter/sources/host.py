@@ -68,9 +68,11 @@ class HostSource(Source):
         while not self.stopping:
             started = time.monotonic()
             try:
-                self.scan_once()
+                with self.bugs_contained("scanning the process table"):
+                    self.scan_once()
             except Exception as exc:  # psutil itself failing (e.g. /proc not mounted) is an outage
                 self.mark_down(describe_error(exc))
+            self.health.last_poll_seconds = time.monotonic() - started
             self.sleep(max(0.05, self.interval - (time.monotonic() - started)))
 
     def scan_once(self):

@@ -18,7 +18,7 @@ import time
 from ..hooks.protocol import WORKER_HOOK_COMMAND as HOOK_COMMAND
 from ..hooks.protocol import WORKER_HOOK_CONF_KEY as HOOK_CONF_KEY
 from ..logs import describe_error
-from .base import Backoff, Source
+from .base import Backoff, Source, is_outage
 
 COMMANDS = ("stats", "active_queues", "conf", "active", "reserved")
 # A poll's view of who consumes what holds until this many polls were missed.
@@ -49,14 +49,19 @@ class InspectSource(Source):
             try:
                 with self.app.connection_for_read(heartbeat=0, connect_timeout=5) as connection:
                     while not self.stopping:
-                        self.poll(connection)
+                        started = time.monotonic()
+                        with self.bugs_contained("polling remote control"):
+                            self.poll(connection)
+                        self.health.last_poll_seconds = time.monotonic() - started
                         self.mark_up()
                         backoff.reset()
                         if self.sleep(self.config.inspect_interval):
                             return
-            except Exception as exc:  # broker gone: an outage of this source only
+            except Exception as exc:  # an outage (bugs_contained let only those through) or a bug in connecting
                 if self.stopping:
                     return
+                if not is_outage(exc):
+                    raise
                 self.mark_down(describe_error(exc))
                 self.sleep(backoff.next())
 

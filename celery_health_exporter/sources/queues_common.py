@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..logs import describe_error
 from ..state.queues import QueuesSnapshot
-from .base import Source
+from .base import PollError, Source, is_outage  # PollError: re-exported for the pollers
 
 # Celery's own plumbing, never task queues: event receivers (celeryev.<uuid>, ours too),
 # remote-control mailboxes (<node>.celery.pidbox, <uuid>.reply.celery.pidbox), server-named
@@ -39,10 +39,6 @@ def queue_filter(include: str = "", exclude: str = "") -> Callable[[str], bool]:
         return not (excluded is not None and excluded.fullmatch(name))
 
     return accept
-
-
-class PollError(Exception):
-    """A failure already put in words for the log and the status page (no secrets)."""
 
 
 class QueuePoller(Source):
@@ -82,18 +78,27 @@ class QueuePoller(Source):
             self._close_quietly()
 
     def poll_once(self) -> bool:
-        """One poll; its result replaces the last one, or the values are dropped."""
+        """One poll; its result replaces the last one, or the values are dropped (never
+        served stale). A broker failure is an outage (reconnect); a bug is counted and
+        the connection kept."""
+        started = time.monotonic()
         try:
             snapshot = self.poll()
-        except Exception as exc:  # every failure is an outage of this source, never a crash
+        except Exception as exc:
             if self.stopping:
                 return False
-            reason = str(exc) if isinstance(exc, PollError) else describe_error(exc)
+            if is_outage(exc):
+                reason = str(exc) if isinstance(exc, PollError) else describe_error(exc)
+                self.mark_down(reason)
+                self._close_quietly()
+            else:
+                self.internal_error(exc, "polling the broker")
+                reason = f"internal error: {type(exc).__name__} (a bug, see the log)"
             with self.state.lock:
                 self.state.broker.fail(reason)
-            self.mark_down(reason)
-            self._close_quietly()
             return False
+        finally:
+            self.health.last_poll_seconds = time.monotonic() - started
         with self.state.lock:
             self.state.broker.replace(snapshot)
         self.mark_up()
