@@ -128,6 +128,10 @@ OPTIONS = [
     ("--host-scan-interval", "5", "Seconds between host process scans.", "value"),
     ("--host-worker-pattern", "", "Regex on the command line that marks a Celery worker process (default: "
      "celery ... worker).", "value"),
+    ("--flower-metrics", False, "Also serve Flower 2.x's metrics (flower_events_total, flower_task_runtime_seconds, "
+     "flower_worker_online...) with Flower's names, labels and meaning, unprefixed, so that Flower's Grafana "
+     "dashboard and alert rules work unchanged. Off by default: it adds series (see docs/dashboards-and-alerts.md, "
+     "Migrating from Flower).", "bool"),
     ("--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR.", "value"),
     ("--log-format", "text", "text or json.", "value"),
 ]
@@ -284,6 +288,7 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
         max_queues=cap("--max-queues"),
         max_exceptions=cap("--max-exceptions"),
         max_publishers=cap("--max-publishers"),
+        flower_metrics=bool(raw["--flower-metrics"]),
     )
 
 

@@ -87,6 +87,8 @@ class Config:
     max_queues: int = 1000
     max_exceptions: int = 200
     max_publishers: int = 1000
+    # Flower's metric families beside ours (--flower-metrics), for Flower's dashboard and alerts
+    flower_metrics: bool = False
 
     @property
     def broker_kind(self) -> str:
