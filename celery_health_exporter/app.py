@@ -5,6 +5,7 @@ import asyncio
 import logging
 import signal
 import socket
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -16,10 +17,11 @@ from .http import serve
 from .metrics import StateCollector
 from .sources import build_sources
 from .state.cardinality import CardinalityCaps
+from .state.flower import FlowerState
 from .state.model import ClusterState
 
 log = logging.getLogger("celery_health_exporter")
-MAINTENANCE_INTERVAL = 1.0
+TICK_INTERVAL = 1.0
 STOP_TIMEOUT = 3.0
 
 
@@ -34,19 +36,56 @@ def build_state(config) -> ClusterState:
         stall_after=config.stall_after,
         lost_task_grace=config.lost_task_grace,
         task_sent_grace=config.task_sent_grace,
+        task_sent_hostname=config.task_sent_hostname,
+        generic_worker_task_hostname=config.generic_worker_task_hostname,
+        unknown_queue=config.default_queue_name,
         caps=CardinalityCaps.from_config(config),
     )
     state.beat.timeout = config.beat_timeout
     state.beat.missed_grace = config.beat_missed_grace
+    if config.flower_metrics:
+        state.flower = FlowerState(state)  # follows the model's event handlers; rendered by metrics.flower
     return state
 
 
 def diagnose_now(state, config, now: float | None = None) -> list:
-    """The findings of the moment (the status page, /api/findings and doctor share it)."""
+    """The findings of the moment (the status page, /api/findings and doctor share it).
+    Only reads: the ticker moves the state in time. Blocks on the state lock: never call
+    it from the event loop (the HTTP handlers run it in a thread)."""
     now = time.time() if now is None else now
     with state.lock:
-        state.expire(now)
         return diagnose(state, now, hint_after=config.no_task_events_hint_after)
+
+
+class Ticker:
+    """The timer of the model's time-driven transitions (``ClusterState.tick``): a worker
+    that went silent goes down on time even when nobody scrapes. A thread, not an
+    asyncio task, because the event loop never takes the state lock."""
+
+    def __init__(self, state, interval: float = TICK_INTERVAL):
+        self.state = state
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="state-ticker", daemon=True)
+        self.failures = 0
+
+    def start(self) -> "Ticker":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(STOP_TIMEOUT)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with self.state.lock:
+                    self.state.tick(time.time())
+            except Exception:  # a bug: logged, and the next tick tries again
+                self.failures += 1
+                if self.failures == 1:
+                    log.exception("state tick failed (a bug, please report it; logged once)")
 
 
 class Exporter:
@@ -80,14 +119,6 @@ class Exporter:
     def findings(self) -> list:
         return diagnose_now(self.state, self.config)
 
-    async def _maintain(self) -> None:
-        """Time-driven state changes (a worker that went silent) must happen
-        even when nobody scrapes, so that detectors see them on time."""
-        while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL)
-            with self.state.lock:
-                self.state.expire(time.time())
-
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -95,15 +126,15 @@ class Exporter:
             loop.add_signal_handler(sig, stop.set)
         for source in self.sources:
             source.start()
+        ticker = Ticker(self.state).start()
         runner = await serve(self, self.listen_socket)
         log.info("celery-health-exporter %s listening on %s:%d, broker %s", self.version,
                  self.config.listen_host, self.config.listen_port, self.config.masked_broker_url)
-        maintenance = asyncio.create_task(self._maintain())
         await stop.wait()
         log.info("stopping")
-        maintenance.cancel()
         await asyncio.gather(
             asyncio.wait_for(runner.cleanup(), STOP_TIMEOUT),
+            asyncio.to_thread(ticker.stop),
             *(asyncio.to_thread(source.stop) for source in self.sources),
             return_exceptions=True,
         )

@@ -64,9 +64,12 @@ OPTIONS = [
      "Buckets of celery_task_runtime, in seconds, comma-separated and increasing.", "value"),
     ("--queue-wait-buckets", ",".join(f"{b:g}" for b in DEFAULT_QUEUE_WAIT_BUCKETS),
      "Buckets of celery_task_queue_wait_time, in seconds.", "value"),
-    ("--no-hostname-in-task-histograms", False, "Keep celery_task_runtime and celery_task_queue_wait_time per task "
-     "name and queue, without the hostname label: where many workers run the same tasks (500 workers x 50 names "
-     "make a million histogram series with it). The counters keep hostname.", "bool"),
+    ("--hostname-in-task-histograms", False, "Add the hostname label to celery_task_runtime and "
+     "celery_task_queue_wait_time (by default they are per task name and queue; the counters always carry "
+     "hostname). Costs (buckets + 2) series per histogram per worker and task name: 500 workers x 50 names make a "
+     "million series.", "bool"),
+    ("--no-hostname-in-task-histograms", False, "The default (accepted so that older command lines still start).",
+     "bool"),
     ("--max-tracked-tasks", "100000", "Bound of the in-flight task table; the oldest are evicted and counted.",
      "value"),
     ("--max-task-names", "1000", "Most distinct task names; further ones are reported as `other` "
@@ -245,7 +248,7 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
         purge_offline_after=seconds("--purge-offline-after"),
         runtime_buckets=parse_buckets(raw["--runtime-buckets"], "--runtime-buckets"),
         queue_wait_buckets=parse_buckets(raw["--queue-wait-buckets"], "--queue-wait-buckets"),
-        task_histograms_by_worker=not raw["--no-hostname-in-task-histograms"],
+        task_histograms_by_worker=raw["--hostname-in-task-histograms"],
         max_tracked_tasks=max_tracked,
         enable_events=bool(raw["--enable-events"]),
         enable_events_interval=seconds("--enable-events-interval"),

@@ -42,7 +42,7 @@ class Config:
     purge_offline_after: float = 600.0
     runtime_buckets: tuple = DEFAULT_RUNTIME_BUCKETS
     queue_wait_buckets: tuple = DEFAULT_QUEUE_WAIT_BUCKETS
-    task_histograms_by_worker: bool = True
+    task_histograms_by_worker: bool = False
     max_tracked_tasks: int = 100_000
     enable_events: bool = False
     enable_events_interval: float = 60.0

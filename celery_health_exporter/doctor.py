@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
     from . import logs
-    from .app import build_state, diagnose_now
+    from .app import Ticker, build_state, diagnose_now
     from .broker import check_dependencies, make_app
     from .sources import build_sources
 
@@ -101,13 +101,13 @@ def main(argv: list[str]) -> int:
     sources = build_sources(config, state, app)
     for source in sources:
         source.start()
+    ticker = Ticker(state).start()  # silent workers and lost tasks are time-driven, as in the daemon
     interactive = sys.stderr.isatty()
     deadline = time.monotonic() + duration
     try:
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(1.0, left))
             with state.lock:
-                state.expire(time.time())  # silent workers and lost tasks are time-driven, as in the daemon
                 workers = sum(1 for w in state.workers.values() if w.up)
                 events = sum(state.events_by_type.values())
             if interactive:
@@ -121,6 +121,7 @@ def main(argv: list[str]) -> int:
             sys.stderr.write("\r" + " " * 60 + "\r")
         for source in sources:
             source.stop(1.0)
+        ticker.stop()
     findings = diagnose_now(state, config)
     with state.lock:
         workers = sum(1 for w in state.workers.values() if w.up)

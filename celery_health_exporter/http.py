@@ -60,7 +60,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def findings_json(request: web.Request) -> web.Response:
     """The diagnosis for chat-ops bots; schema in docs/findings.md."""
     exporter = request.app["exporter"]
-    findings = exporter.findings()
+    findings = await asyncio.to_thread(exporter.findings)  # takes the state lock: never on the loop
     return web.json_response({
         "version": exporter.version,
         "generated_at": time.time(),
@@ -72,7 +72,7 @@ async def findings_json(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     exporter = request.app["exporter"]
     now = time.time()
-    findings = exporter.findings()
+    findings, workers, tracked = await asyncio.to_thread(_page_state, exporter)  # the loop never takes the lock
     rows = []
     for source in exporter.sources:
         health = source.health
@@ -82,9 +82,6 @@ async def index(request: web.Request) -> web.Response:
             f"<td class={'up' if health.up else 'down'}>{'up' if health.up else 'down'}</td>"
             f"<td>{html.escape(health.reason)}</td><td>{seen}</td>"
             f"<td>{html.escape(source.describe())}</td></tr>")
-    with exporter.state.lock:
-        workers = sum(1 for w in exporter.state.workers.values() if w.up)
-        tracked = exporter.state.tracked_tasks
     cards = "\n".join(FINDING.format(
         severity=f.severity, summary=html.escape(f.summary), why=html.escape(f.why), fix=html.escape(f.fix),
         metric=html.escape(f.metric),
@@ -97,6 +94,12 @@ async def index(request: web.Request) -> web.Response:
         problems=sum(1 for f in findings if f.severity != "info"),
     )
     return web.Response(text=page, content_type="text/html")
+
+
+def _page_state(exporter) -> tuple[list, int, int]:
+    findings = exporter.findings()
+    with exporter.state.lock:
+        return findings, sum(1 for w in exporter.state.workers.values() if w.up), exporter.state.tracked_tasks
 
 
 FINDING = """<section class="finding {severity}"><h3><span class="sev">{severity}</span> {summary}</h3>

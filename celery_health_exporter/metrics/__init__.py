@@ -1,24 +1,28 @@
-"""Every metric the exporter serves, defined once, rendered from state at scrape time.
+"""Every metric the exporter serves, defined once, rendered from a snapshot of the state.
 
 Each area module (``tasks``, ``workers``, ``exporter_self``...) declares its
 ``DEFINITIONS`` and a ``collect(ctx)`` generator of ``(definition, label
-values, value)``; this module turns them into Prometheus families with the
-configured prefix and static labels. No value is cached between scrapes, so a
-worker or queue that went away leaves no stale series (only escaped label text
-is kept, see ``text.LabelCache``).
+values, value)``. A scrape holds the state lock only while the areas copy their
+samples (histograms frozen); the text is written after the lock is released,
+so event intake and the other scrapers wait for a copy, not for a render
+(``text.render_families`` is the one renderer: /metrics, the tests and the
+benchmarks all go through it). Like node_exporter's collectors, each area runs
+in its own guard: a bug in one leaves the others on the page and shows in
+``celery_exporter_scrape_collector_success{collector}``. No value is cached
+between scrapes, so a worker or queue that went away leaves no stale series
+(only escaped label text is kept, see ``text.LabelCache``).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
-
-from prometheus_client.metrics_core import Metric
 
 from .definitions import AREAS, MetricDef, all_definitions
-from .text import LabelCache, expand_columns, finite_value, render_families
+from .exporter_self import COLLECTOR_DURATION, COLLECTOR_SUCCESS, INTERNAL_ERRORS, SCRAPE_DURATION
+from .text import Column, LabelCache, expand_columns, render_families
 
 __all__ = ["MetricDef", "ScrapeContext", "StateCollector", "all_definitions"]
 
@@ -27,7 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScrapeContext:
-    """What a collect function may read: the state (lock held), the sources' health, the clock."""
+    """What a collect function may read: the state (the collector holds its lock), the
+    sources' health, the clock."""
 
     state: object
     sources: list = field(default_factory=list)
@@ -37,14 +42,29 @@ class ScrapeContext:
 
     @property
     def in_flight(self) -> tuple:
-        """The one pass over the in-flight task table, shared by every area of a scrape."""
+        """The in-flight task table summarised once per scrape, for every area that needs it."""
         if self._in_flight is None:
             self._in_flight = self.state.in_flight()
         return self._in_flight
 
 
+def _frozen(sample: tuple) -> tuple:
+    """A sample that no later event can change: histograms are the state's own
+    objects, copied; every other value is already an immutable number or a new list."""
+    definition, label_values, value = sample
+    if definition.kind != "histogram":
+        return sample
+    if label_values is None:  # a Column
+        return definition, None, Column(value.labels, [h.copy() for h in value.values])
+    return definition, label_values, value.copy()
+
+
+def area_name(area) -> str:
+    return area.__name__.rsplit(".", 1)[-1]
+
+
 class StateCollector:
-    """A prometheus_client collector over the cluster state and the sources."""
+    """The cluster state's and the sources' metrics, as exposition text."""
 
     def __init__(self, state, sources, *, prefix: str = "celery_", static_labels: dict | None = None):
         self.state = state
@@ -52,48 +72,63 @@ class StateCollector:
         self.prefix = prefix
         self.static_labels = dict(static_labels or {})
         self._labels = LabelCache(self.static_labels)
-        self._render_lock = threading.Lock()  # the label cache is one scrape's at a time
+        self._render_lock = threading.Lock()  # the label cache is one render's at a time
         # Non-finite samples left out (celery_exporter_nonfinite_samples_dropped_total): the
         # model cannot hold one, so each is a bug; logged once per family.
         self.nonfinite_dropped = 0
         self._dropped_families: set[str] = set()
+        self.internal_errors = 0  # areas whose collect raised (a bug), counted under source="scrape"
+        self._bugs_logged: set[tuple[str, str]] = set()
+        self.last_scrape_seconds: float | None = None
 
-    def samples(self):
-        """Every (definition, label values, value) of a scrape. The state lock is held
-        while the caller consumes it: consume it at once."""
-        return expand_columns(self._samples())
-
-    def _samples(self):
-        """The same, with the task flows as text.Column samples (what render() takes)."""
+    def snapshot(self) -> list:
+        """Every sample of a scrape, copied while the state lock is held (and only then)."""
         now = time.time()
         ctx = ScrapeContext(self.state, self.sources, now, self.nonfinite_dropped)
+        samples: list = []
+        results: list[tuple[str, bool, float]] = []
         with self.state.lock:
-            self.state.expire(now)
             for area in AREAS:
-                yield from area.collect(ctx)
+                started = time.perf_counter()
+                try:
+                    part = [_frozen(sample) for sample in area.collect(ctx)]
+                except Exception as exc:  # a bug in one area must not take the page down
+                    self._area_failed(area_name(area), exc)
+                    results.append((area_name(area), False, time.perf_counter() - started))
+                    continue
+                samples.extend(part)
+                results.append((area_name(area), True, time.perf_counter() - started))
+        for name, ok, seconds in results:
+            samples.append((COLLECTOR_SUCCESS, (name,), 1 if ok else 0))
+            samples.append((COLLECTOR_DURATION, (name,), seconds))
+        samples.append((INTERNAL_ERRORS, ("scrape",), self.internal_errors))
+        if self.last_scrape_seconds is not None:
+            samples.append((SCRAPE_DURATION, (), self.last_scrape_seconds))
+        return samples
 
-    def collect(self) -> Iterator[Metric]:
-        families: dict[MetricDef, Metric] = {}
-        for definition, label_values, value in self.samples():
-            if not finite_value(definition.kind, value):
-                self._dropped(self.prefix + definition.name)
-                continue
-            family = families.get(definition)
-            if family is None:
-                family = families[definition] = Metric(
-                    self.prefix + definition.name, definition.help, definition.kind)
-            self._add(family, definition, label_values, value)
-        return iter(families.values())
+    def samples(self):
+        """The snapshot with every Column split into one (definition, label values, value) per series."""
+        return expand_columns(self.snapshot())
 
     def render(self, openmetrics: bool = False) -> str:
-        """The exposition text of the state's metrics, written directly.
-
-        Same output as prometheus_client's encoders for these families (a test checks
-        it), without building a Metric and a Sample object per line: at 1,000 task
-        flows that took about a second, under the state lock."""
+        """The exposition text of the state's metrics (the state lock is held only for the copy)."""
+        started = time.perf_counter()
+        samples = self.snapshot()
         with self._render_lock:
-            return render_families(self._samples(), self.prefix, self.static_labels, openmetrics, self._labels,
+            text = render_families(samples, self.prefix, self.static_labels, openmetrics, self._labels,
                                    self._dropped)
+        self.last_scrape_seconds = time.perf_counter() - started
+        return text
+
+    def _area_failed(self, area: str, exc: Exception) -> None:
+        self.internal_errors += 1
+        frames = traceback.extract_tb(exc.__traceback__)
+        key = (area, f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+        if key not in self._bugs_logged and len(self._bugs_logged) < 100:
+            self._bugs_logged.add(key)
+            log.error("metrics area %s failed and is left out of this scrape (a bug, please report it with this "
+                      "traceback; celery_exporter_scrape_collector_success{collector=%r} is 0, logged once per "
+                      "place)", area, area, exc_info=exc)
 
     def _dropped(self, family: str) -> None:
         """A sample of ``family`` was not finite and is not served (counted; shown from the next scrape)."""
@@ -102,18 +137,3 @@ class StateCollector:
             self._dropped_families.add(family)
             log.warning("dropped a sample of %s whose value is not finite (NaN or infinite): a bug, please "
                         "report it; counted in celery_exporter_nonfinite_samples_dropped_total", family)
-
-    def _add(self, family: Metric, definition: MetricDef, label_values: Iterable, value) -> None:
-        labels = dict(zip(definition.labels, label_values))
-        if self.static_labels:
-            labels = {**self.static_labels, **labels}
-        name = family.name
-        if definition.kind == "counter":
-            family.add_sample(name + "_total", labels, value)
-        elif definition.kind == "histogram":
-            for le, count in value.cumulative():
-                family.add_sample(name + "_bucket", {**labels, "le": le}, count)
-            family.add_sample(name + "_count", labels, value.count)
-            family.add_sample(name + "_sum", labels, value.sum)
-        else:
-            family.add_sample(name, labels, value)

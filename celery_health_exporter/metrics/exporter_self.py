@@ -18,6 +18,24 @@ SOURCE_UP = gauge("exporter_source_up", "1 when the source's last attempt to rea
                   source="all")
 SOURCE_LAST_SUCCESS = gauge("exporter_source_last_success_timestamp_seconds",
                             "Unix time of the source's last successful read.", "source", source="all")
+SOURCE_FAILURES = counter("exporter_source_failures", "Failed reads of the source (connection, protocol or "
+                          "permission errors of the broker or the host; every retry during an outage counts): a "
+                          "flapping source shows here while celery_exporter_source_up may look fine.", "source")
+SOURCE_POLL_DURATION = gauge("exporter_source_poll_duration_seconds", "How long the source's last poll took "
+                             "(polling sources: remote control, the broker's queues, the host's processes).",
+                             "source")
+INTERNAL_ERRORS = counter("exporter_internal_errors", "Bugs of this exporter that were contained: an exception that "
+                          "is not a broker or host failure, logged once per place with its traceback; the event, "
+                          "poll or metrics area that raised it was skipped and the source carried on. "
+                          "source=\"scrape\": a metrics area failed (see "
+                          "celery_exporter_scrape_collector_success). Any increase is a bug to report.", "source")
+COLLECTOR_SUCCESS = gauge("exporter_scrape_collector_success", "1 when the metrics area's collect succeeded in this "
+                          "scrape, 0 when it raised (its series are missing from this scrape, the others are "
+                          "served).", "collector")
+COLLECTOR_DURATION = gauge("exporter_scrape_collector_duration_seconds", "Seconds the metrics area took to copy "
+                           "its samples in this scrape (the state lock is held meanwhile).", "collector")
+SCRAPE_DURATION = gauge("exporter_scrape_duration_seconds", "Seconds the previous scrape took to copy and write "
+                        "the state's metrics (without gzip and the process_* families).")
 RECONNECTS = counter("exporter_broker_reconnects", "Times the events source reconnected to the broker after "
                      "losing it.")
 TRACKED = gauge("exporter_tracked_tasks", "Tasks in the in-flight table (bounded by --max-tracked-tasks).")
@@ -36,11 +54,13 @@ NONFINITE = counter("exporter_nonfinite_samples_dropped", "Samples left out of /
                     "NaN or infinite (never served). The model refuses such numbers as they come in (see "
                     "celery_exporter_events_malformed_total), so any increase is a bug: the log names the metric.")
 
-DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, RECONNECTS, TRACKED, EVICTED, VANISHED,
-               UNATTRIBUTED, NONFINITE)
+DEFINITIONS = (EVENTS, MALFORMED, EVENT_LAG, SOURCE_UP, SOURCE_LAST_SUCCESS, SOURCE_FAILURES, SOURCE_POLL_DURATION,
+               INTERNAL_ERRORS, COLLECTOR_SUCCESS, COLLECTOR_DURATION, SCRAPE_DURATION, RECONNECTS, TRACKED, EVICTED,
+               VANISHED, UNATTRIBUTED, NONFINITE)
 
 
 def collect(ctx):
+    """The exporter's own series; the scrape's (collector success, durations) are the collector's own."""
     state = ctx.state
     for kind, count in state.events_by_type.items():
         yield EVENTS, (kind,), count
@@ -58,5 +78,9 @@ def collect(ctx):
         yield SOURCE_UP, (source.name,), 1 if health.up else 0
         if health.last_success is not None:
             yield SOURCE_LAST_SUCCESS, (source.name,), health.last_success
+        yield SOURCE_FAILURES, (source.name,), health.failures
+        yield INTERNAL_ERRORS, (source.name,), health.internal_errors
+        if health.last_poll_seconds is not None:
+            yield SOURCE_POLL_DURATION, (source.name,), health.last_poll_seconds
         if source.name == "events":
             yield RECONNECTS, (), health.reconnects

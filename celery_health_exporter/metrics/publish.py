@@ -27,7 +27,6 @@ def collect(ctx):
     publishers = getattr(ctx.state, "publishers", None)
     if publishers is None:
         return
-    publishers.expire(ctx.now)
     for publisher, totals in publishers.totals().items():
         labels = (publisher,)
         yield PUBLISHES, labels, totals.publishes

@@ -449,10 +449,12 @@ class ClusterState:
             return False
         return now - max(worker.busy_since, worker.progress_at) > self.stall_after
 
-    def expire(self, now: float) -> None:
-        """Time-driven transitions: silent workers go down, their unfinished tasks
-        are declared lost after the grace period, long-gone workers are purged,
-        terminal events still waiting for their task-sent are counted as unknown."""
+    def tick(self, now: float) -> None:
+        """Every time-driven transition of the model, in one place, run by the exporter's
+        timer (once a second) and never by readers: silent workers go down, their
+        unfinished tasks are declared lost after the grace period, long-gone workers
+        are purged, terminal events still waiting for their task-sent are counted as
+        unknown, crash, beat and publisher records expire."""
         judging = self.events_interrupted_at is None
         for hostname, worker in list(self.workers.items()):
             if judging and worker.up and worker.last_heartbeat is not None and (
@@ -474,6 +476,7 @@ class ClusterState:
             self._declare_lost(now)
         self.crashes.expire(now)
         self.beat.expire(now)
+        self.publishers.expire(now)
         while self.unattributed:  # in arrival order, so in deadline order
             uuid, held = next(iter(self.unattributed.items()))
             if held[0][0] > now:

@@ -177,7 +177,6 @@ class PublisherState:
             getattr(cluster, "purge_offline_after", 600.0))
         self.publishers: dict[str, PublisherAggregate] = {}
         self.events = 0
-        self._next_expire = 0.0
         self.cap = getattr(getattr(cluster, "cardinality", None), "publisher", None)  # --max-publishers
         self.report: Report = cluster.count_malformed if cluster is not None else ignore
         if cluster is not None:
@@ -202,8 +201,6 @@ class PublisherState:
         every = interval(event.get("interval"), self.report) or 15.0
         pid = count(event.get("pid"), self.report)
         self.events += 1
-        if now >= self._next_expire:  # at most once a second: O(instances)
-            self.expire(now)
 
         agg = self.publishers.get(publisher)
         if agg is None:
@@ -241,8 +238,7 @@ class PublisherState:
 
     # ------------------------------------------------------------- lifetime
     def expire(self, now: float) -> None:
-        """Fold instances that stopped reporting; drop publishers silent for purge_after."""
-        self._next_expire = now + 1.0
+        """Fold instances that stopped reporting; drop publishers silent for purge_after (run by ClusterState.tick)."""
         for name, agg in list(self.publishers.items()):
             for instance_id, instance in list(agg.instances.items()):
                 if now - instance.last_seen > max(MIN_RETIRE_AFTER, 4 * instance.interval):

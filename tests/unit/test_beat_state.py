@@ -55,15 +55,15 @@ def test_runs_counted_once_per_send_even_when_shipped_twice(state):
 
 def test_a_dead_beat_goes_down_after_the_timeout_and_its_due_times_are_missed_one_per_period(state):
     state.apply(heartbeat(NOW, ("job", "tests.job", NOW + 10)), NOW)
-    state.expire(NOW + 5)
+    state.tick(NOW + 5)
     assert state.beat.beats_up() == {"beat-a": 1}
-    state.expire(NOW + 5.1)
+    state.tick(NOW + 5.1)
     assert state.beat.beats_up() == {"beat-a": 0} and state.beat.instances_up() == 0
-    state.expire(NOW + 12)  # due at +10, grace 2: not yet
+    state.tick(NOW + 12)  # due at +10, grace 2: not yet
     assert entry(state).missed == 0
-    state.expire(NOW + 12.01)
+    state.tick(NOW + 12.01)
     assert entry(state).missed == 1 and entry(state).awaited == NOW + 20
-    state.expire(NOW + 42.5)  # +20, +30, +40 passed their grace too
+    state.tick(NOW + 42.5)  # +20, +30, +40 passed their grace too
     assert entry(state).missed == 4 and entry(state).awaited == NOW + 50
 
 
@@ -78,7 +78,7 @@ def test_sends_on_time_are_never_missed(state):
     for seq in range(1, 6):
         t = NOW + 10 * seq + 0.5  # half a second late each time: within the grace
         state.apply(sent(t, seq, NOW + 10 * seq), t)
-        state.expire(t + 1.4)
+        state.tick(t + 1.4)
     assert entry(state).missed == 0 and entry(state).runs == 5
 
 
@@ -132,7 +132,7 @@ def test_a_send_that_raised_is_a_send_error_not_a_run(state):
 def test_an_entry_removed_from_the_schedule_is_no_longer_awaited(state):
     state.apply(heartbeat(NOW, ("job", "tests.job", NOW + 10), ("old", "tests.old", NOW + 10)), NOW)
     state.apply(heartbeat(NOW + 1, ("job", "tests.job", NOW + 10)), NOW + 1)
-    state.expire(NOW + 30)
+    state.tick(NOW + 30)
     assert entry(state, "old", "tests.old").missed == 0 and entry(state, "old", "tests.old").awaited is None
     assert entry(state).missed == 2
 
@@ -140,10 +140,10 @@ def test_an_entry_removed_from_the_schedule_is_no_longer_awaited(state):
 def test_due_times_while_the_exporter_was_blind_are_not_missed(state):
     state.apply(heartbeat(NOW, ("job", "tests.job", NOW + 10)), NOW)
     state.events_interrupted(NOW + 1)
-    state.expire(NOW + 40)
+    state.tick(NOW + 40)
     assert state.beat.beats_up() == {"beat-a": 1} and entry(state).missed == 0
     state.events_resumed(NOW + 40)
-    state.expire(NOW + 40.1)  # +10, +20, +30 fell due while blind
+    state.tick(NOW + 40.1)  # +10, +20, +30 fell due while blind
     assert entry(state).missed == 0 and entry(state).awaited == NOW + 40
 
 
@@ -174,7 +174,7 @@ def test_an_entry_beat_holds_back_for_good_is_not_awaited(state):
     state.apply(heartbeat(NOW, ("job", "tests.job", NOW + 10)), NOW)
     held = heartbeat(NOW + 1, ("job", "tests.job", None))
     state.apply(held, NOW + 1)
-    state.expire(NOW + 60)
+    state.tick(NOW + 60)
     assert entry(state).awaited is None and entry(state).missed == 0
 
 
@@ -206,8 +206,8 @@ def test_a_beat_whose_clock_is_off_is_judged_on_ours(state, behind):
     state.apply(heartbeat(beat_now, ("job", "tests.job", beat_now + 10)), NOW)
     for seq in range(1, 4):
         state.apply(sent(beat_now + 10 * seq, seq, beat_now + 10 * seq), NOW + 10 * seq)
-        state.expire(NOW + 10 * seq + 1.5)
+        state.tick(NOW + 10 * seq + 1.5)
     e = entry(state)
     assert (e.missed, e.runs, e.awaited, e.last_run) == (0, 3, NOW + 40, NOW + 30)
-    state.expire(NOW + 40 + state.beat.missed_grace + 0.1)
+    state.tick(NOW + 40 + state.beat.missed_grace + 0.1)
     assert e.missed == 1

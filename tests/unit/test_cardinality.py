@@ -1,6 +1,5 @@
 """Cardinality caps: past its cap a label's new values fold into `other`, counted per label."""
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_health_exporter.cli import config_from_args
@@ -75,11 +74,10 @@ def test_bad_cap_flags_name_the_flag(flag, value, capsys):
 def test_folds_are_exposed_per_label_from_zero():
     state = ClusterState(now=0.0)
     state.cardinality = CardinalityCaps(workers=2)  # what ClusterState will hold once the model is wired
-    registry = CollectorRegistry()
-    registry.register(StateCollector(state, [], prefix="celery_"))
+    collector = StateCollector(state, [], prefix="celery_")
 
     def samples():
-        text = generate_latest(registry).decode()
+        text = collector.render()
         return {(s.name, s.labels.get("label")): s.value
                 for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name.startswith("celery_exporter_label_values")}

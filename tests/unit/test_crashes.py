@@ -30,7 +30,7 @@ def test_the_hooks_report_counts_at_once_and_the_lost_task_names_the_unpicklable
     state.apply(hook_report(), T0 + 1)
     assert state.crashes.errors == {(W, "TypeError"): 1}
     state.apply(ev("worker-offline"), T0 + 1)
-    state.expire(T0 + 7)  # declared lost before the worker's late WorkerLostError
+    state.tick(T0 + 7)  # declared lost before the worker's late WorkerLostError
     state.apply(ev("task-failed", uuid="t", exception=LOST_0), T0 + 31)
     assert state.crashes.errors == {(W, "TypeError"): 1}
     assert state.unpicklable == {("app.pay", "PayError"): 1}
@@ -50,14 +50,14 @@ def test_without_the_hook_the_signature_counts_once_in_either_order(state, offli
 def test_a_timed_out_worker_completes_the_signature(state):
     state.apply(ev("task-failed", uuid="t", exception=LOST_0), T0 + 1)
     assert state.crashes.errors == {}  # a child exiting 0 alone is no crash of the main process
-    state.expire(T0 + 12)  # heartbeats stopped: down
+    state.tick(T0 + 12)  # heartbeats stopped: down
     assert state.crashes.errors == {(W, "unknown"): 1}
 
 
 def test_pieces_further_apart_than_the_window_are_not_one_crash(state):
     state.apply(ev("task-failed", uuid="t", exception=LOST_0), T0 + 1)
     state.apply(ev("worker-heartbeat", pid=1, freq=2), T0 + WINDOW)
-    state.expire(T0 + WINDOW + 2)
+    state.tick(T0 + WINDOW + 2)
     state.apply(ev("worker-offline"), T0 + WINDOW + 2)
     assert state.crashes.errors == {}
 
@@ -89,5 +89,5 @@ def test_billiards_wrapper_is_unwrapped_from_the_traceback(state):
 def test_a_purged_worker_takes_its_series(state):
     state.apply(hook_report(), T0 + 1)
     state.apply(ev("worker-offline"), T0 + 1)
-    state.expire(T0 + 10_000)
+    state.tick(T0 + 10_000)
     assert W not in state.workers and state.crashes.errors == {} and state.crashes.last == {}

@@ -129,14 +129,14 @@ def test_lost_unpicklable_expired_old_celery_and_no_task_events(state):
     alive(state)
     state.apply(ev("task-received", uuid="l", name="app.pay"), T0)
     state.apply(ev("task-started", uuid="l"), T0)
-    state.expire(T0 + 11)
-    state.expire(T0 + 17)
+    state.tick(T0 + 11)
+    state.tick(T0 + 17)
     state.apply(ev("task-retried", uuid="u", exception="UnpickleableExceptionWrapper('m', 'BadError', (), '')"),
                 T0 + 17)
     state.apply(ev("task-revoked", uuid="e", expired=True), T0 + 17)
     state.apply(ev("worker-heartbeat", hostname="old@h", pid=5, freq=2, sw_ver="5.2.7"), T0)
     state.apply(ev("worker-heartbeat", hostname="old@h", pid=5, freq=2, sw_ver="5.2.7"), T0 + 100)
-    state.expire(T0 + 100)  # the retried and revoked tasks never got their task-sent: counted as unknown
+    state.tick(T0 + 100)  # the retried and revoked tasks never got their task-sent: counted as unknown
     found = kinds(diagnose(state, T0 + 100))
     assert found["tasks_lost"].summary.startswith("1 app.pay task(s)")
     assert "BadError" in found["unpicklable_exception"].summary

@@ -45,7 +45,6 @@ def fuzz_main() -> None:  # pragma: no cover - runs in a subprocess under atheri
     with atheris.instrument_imports(include=["celery_health_exporter.state"]):
         from celery_health_exporter.state.events import MalformedEvent, decode_body
         from celery_health_exporter.state.model import ClusterState
-    from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     from celery_health_exporter.metrics import StateCollector
@@ -93,9 +92,7 @@ def fuzz_main() -> None:  # pragma: no cover - runs in a subprocess under atheri
                 events.append(event)
         for i, event in enumerate(events):
             state.apply(event, now + i)
-        registry = CollectorRegistry()
-        registry.register(StateCollector(state, [], prefix="celery_"))
-        text = generate_latest(registry).decode()
+        text = StateCollector(state, [], prefix="celery_").render()  # the production renderer
         hostnames = {s.labels["hostname"] for f in text_string_to_metric_families(text) for s in f.samples
                      if f.name == "celery_worker_up"}
         if hostnames != set(state.workers):

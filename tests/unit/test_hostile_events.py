@@ -10,8 +10,6 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,9 +88,8 @@ def apply_all(state: ClusterState, items, now: float | None = None) -> None:
 
 
 def render(state: ClusterState) -> tuple[str, str]:
-    registry = CollectorRegistry()
-    registry.register(StateCollector(state, [], prefix="celery_"))
-    return generate_latest(registry).decode(), generate_openmetrics(registry).decode()
+    collector = StateCollector(state, [], prefix="celery_")  # the production renderer, both formats
+    return collector.render(), collector.render(openmetrics=True) + "# EOF\n"
 
 
 def parse(text: str) -> dict:
@@ -126,8 +123,9 @@ def assert_round_trip(state: ClusterState, text: str) -> None:
         for (name, queue), flow in worker.flows.items():
             key = ("celery_task_received_total", (("hostname", hostname), ("name", name), ("queue_name", queue)))
             assert samples[key] == flow.received, key
-    for (name, queue), count in state.sent.items():
-        assert samples[("celery_task_sent_total", (("name", name), ("queue_name", queue)))] == count
+    for (name, publisher, queue), count in state.sent.items():
+        key = ("celery_task_sent_total", (("hostname", publisher), ("name", name), ("queue_name", queue)))
+        assert samples[key] == count
 
 
 # ------------------------------------------------------------------ properties
@@ -187,7 +185,7 @@ def test_a_task_lifecycle_in_any_order_and_repeated_is_counted_per_event(order, 
             "timestamp": NOW, "utcoffset": 0}
     apply_all(state, [dict(base, type=kind) for kind in order] * repeat)
     m = parse(render(state)[0])
-    assert m[("celery_task_sent_total", (("name", "tasks.add"), ("queue_name", "q1")))] == repeat
+    assert m[("celery_task_sent_total", (("hostname", "a"), ("name", "tasks.add"), ("queue_name", "q1")))] == repeat
     flows = {k: v for k, v in m.items() if k[0].startswith("celery_task_") and k[0].endswith("_total")
              and ("hostname", "celery@a") in k[1]}
     by_kind = {}

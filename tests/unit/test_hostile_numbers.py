@@ -277,7 +277,7 @@ def test_a_forged_heartbeat_interval_cannot_keep_a_dead_worker_up_for_ever():
     perform(state, "event", {"type": "worker-heartbeat", "hostname": "celery@a", "timestamp": now, "utcoffset": 0,
                              "freq": 1e308}, now)
     assert state.workers["celery@a"].freq == 2.0 and state.malformed == {"bad_duration": 1}
-    state.expire(now + 60)
+    state.tick(now + 60)
     assert not state.workers["celery@a"].up
 
 

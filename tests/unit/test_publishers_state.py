@@ -64,6 +64,7 @@ def test_a_process_that_exits_keeps_its_counts(state):
     state.apply(event(instance="live", publishes=1), NOW)
     for t in range(1, 40):  # "gone" stops reporting; "live" goes on
         state.apply(event(instance="live", publishes=1 + t), NOW + t * 15)
+        state.tick(NOW + t * 15)  # the exporter's timer
     assert state.publishers.instances("web-1") == 1  # retired: memory follows the live processes
     t = totals(state)
     assert (t.publishes, t.failures) == (10 + 40, {"OperationalError": 1})
@@ -71,7 +72,8 @@ def test_a_process_that_exits_keeps_its_counts(state):
 
 def test_an_instance_back_after_retirement_is_not_counted_twice(state):
     state.apply(event(instance="slow", publishes=10), NOW)
-    state.apply(event(instance="other", publishes=1), NOW + 300)  # "slow" retired meanwhile
+    state.tick(NOW + 300)  # "slow" is retired by the timer
+    state.apply(event(instance="other", publishes=1), NOW + 300)
     assert state.publishers.instances("web-1") == 1
     assert totals(state).publishes == 11
     state.apply(event(instance="slow", publishes=12), NOW + 301)  # its broker came back

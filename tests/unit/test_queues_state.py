@@ -4,11 +4,11 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_health_exporter.metrics import StateCollector
 from celery_health_exporter.sources.queues_common import queue_filter
-from celery_health_exporter.sources.rabbitmq import _split_credentials, queue_stats
+from celery_health_exporter.sources.rabbitmq import queue_stats
+from celery_health_exporter.sources.rabbitmq_api import _split_credentials
 from celery_health_exporter.sources.redis_queues import RedisQueuesSource, priority_key
 from celery_health_exporter.state.model import ClusterState
 from celery_health_exporter.state.queues import QueuesSnapshot, QueueStats
@@ -23,9 +23,7 @@ def state():
 
 
 def scrape(state) -> Metrics:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(state, []))
-    return Metrics(generate_latest(registry).decode())
+    return Metrics(StateCollector(state, []).render())
 
 
 def iso(ts):
@@ -142,14 +140,8 @@ def test_oldest_unstarted_task_age_from_publication_receipt_and_eta(state):
     assert ages["unknown"] == pytest.approx(70.0)  # task f, from its ETA (T0 + 30); e is not due yet
     state.apply(ev("task-started", T0 + 1, uuid="a", hostname="w@h"), T0 + 1)
     assert state.broker.oldest_unstarted(state, now)["q1"] == pytest.approx(60.0)  # now task b, sent at T0 + 40
-    m = Metrics(generate_latest(_registry(state)).decode())
+    m = scrape(state)
     assert m.value("celery_queue_oldest_unstarted_task_age_seconds", queue_name="q1") >= 100
-
-
-def _registry(state):
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(state, []))
-    return registry
 
 
 def test_queue_filter_leaves_out_celery_internals_and_applies_anchored_regexes():

@@ -31,7 +31,7 @@ def test_task_flow_counts_and_labels(state):
     flow = state.workers["w1@h"].flows[("app.add", "q1")]
     assert (flow.received, flow.started, flow.succeeded) == (2, 2, 1)
     assert flow.failed == {"CustomError": 1}
-    assert state.sent == {("app.add", "q1"): 2}
+    assert state.sent == {("app.add", "h", "q1"): 2}  # the publisher gen1@h: its host
     assert flow.queue_wait.count == 2 and flow.queue_wait.sum == pytest.approx(4.0)
     # the failed task had no runtime field: measured from started to failed (1 s)
     assert flow.runtime.count == 2 and flow.runtime.sum == pytest.approx(1.5)
@@ -81,25 +81,25 @@ def test_worker_up_offline_timeout_and_purge(state):
     state.apply(ev("worker-heartbeat", hostname="w1@h", freq=2, active=3, processed=10), T0 + 1)
     worker = state.workers["w1@h"]
     assert worker.up and worker.active == 3 and worker.processed == 10
-    state.expire(T0 + 11)
+    state.tick(T0 + 11)
     assert worker.up
-    state.expire(T0 + 11.5)
+    state.tick(T0 + 11.5)
     assert not worker.up and worker.down_since == T0 + 11.5
     state.apply(ev("worker-heartbeat", hostname="w1@h", freq=2), T0 + 12)
     assert worker.up and worker.active == 3  # a reply to the heartbeat command carries no counts
     state.apply(ev("worker-offline", hostname="w1@h"), T0 + 13)
     assert not worker.up and worker.active == 0
-    state.expire(T0 + 113)
+    state.tick(T0 + 113)
     assert "w1@h" in state.workers
-    state.expire(T0 + 113.5)
+    state.tick(T0 + 113.5)
     assert "w1@h" not in state.workers
 
 
 def test_slow_heartbeat_workers_get_two_intervals(state):
     state.apply(ev("worker-heartbeat", hostname="slow@h", freq=30), T0)
-    state.expire(T0 + 50)
+    state.tick(T0 + 50)
     assert state.workers["slow@h"].up
-    state.expire(T0 + 61)
+    state.tick(T0 + 61)
     assert not state.workers["slow@h"].up
 
 

@@ -211,8 +211,8 @@ def lost(n):
     for i in range(n):
         s.apply(ev("task-received", uuid=f"l{i}", name="app.pay"), T0)
         s.apply(ev("task-started", uuid=f"l{i}"), T0)
-    s.expire(T0 + 11)  # the worker times out
-    s.expire(T0 + 17)  # and the grace has passed
+    s.tick(T0 + 11)  # the worker times out
+    s.tick(T0 + 17)  # and the grace has passed
     return s, T0 + 17
 
 
@@ -308,7 +308,7 @@ def missed(n):
     """The entry's due times (every 10 s from T0 + 10) pass the grace with no send: ``n`` of them."""
     s, _ = beats(1)
     now = T0 + 10 + s.beat.missed_grace + 10 * (n - 1) + 0.5 if n else T0 + 1
-    s.expire(now)
+    s.tick(now)
     return s, now
 
 

@@ -24,13 +24,13 @@ def test_restart_loop_counts_restarts_and_only_unclean_stops(state):
     online(state, T0 + 10, pid=101)                  # restart 1
     worker = state.workers[W]
     assert (worker.restarts, worker.unclean_shutdowns, worker.up) == (1, 0, True)
-    state.expire(T0 + 21)                            # SIGKILL: heartbeats stop
+    state.tick(T0 + 21)                            # SIGKILL: heartbeats stop
     assert (worker.up, worker.unclean_shutdowns) == (False, 1)
     online(state, T0 + 30, pid=102)                  # restart 2
     state.apply(ev("worker-offline", pid=102), T0 + 35)
     online(state, T0 + 40, pid=103)                  # restart 3
     assert worker.start_time == T0 + 40
-    state.expire(T0 + 51)
+    state.tick(T0 + 51)
     assert (worker.restarts, worker.unclean_shutdowns, worker.up) == (3, 2, False)
 
 
@@ -50,7 +50,7 @@ def test_processed_count_reset_is_a_restart_even_with_the_same_pid(state):
 
 def test_heartbeat_gap_without_a_new_process_is_not_a_restart(state):
     online(state, T0, pid=100)
-    state.expire(T0 + 11)
+    state.tick(T0 + 11)
     state.apply(ev("worker-heartbeat", pid=100, freq=2, active=0, processed=0), T0 + 12)
     worker = state.workers[W]
     assert worker.up and worker.restarts == 0 and worker.unclean_shutdowns == 1
@@ -96,11 +96,11 @@ def test_tasks_of_a_killed_worker_are_lost_after_the_grace_period(state):
     state.apply(ev("task-received", uuid="t1", name="app.pay"), T0)
     state.apply(ev("task-started", uuid="t1"), T0)
     state.apply(ev("task-received", uuid="t2", name="app.pay"), T0)
-    state.expire(T0 + 11)  # killed
+    state.tick(T0 + 11)  # killed
     assert state.lost == {}
-    state.expire(T0 + 15.9)
+    state.tick(T0 + 15.9)
     assert state.lost == {}
-    state.expire(T0 + 16.1)
+    state.tick(T0 + 16.1)
     assert state.lost == {("app.pay", "payments", "worker_lost"): 2}
     assert state.tracked_tasks == 0
 
@@ -113,7 +113,7 @@ def test_warm_shutdown_loses_only_started_tasks_and_redelivered_ones_are_not_los
     state.apply(ev("task-started", uuid="redelivered"), T0)
     state.apply(ev("worker-offline", pid=100), T0 + 1)
     state.apply(ev("task-received", uuid="redelivered", name="app.x", hostname="w2@h"), T0 + 2)
-    state.expire(T0 + 7)
+    state.tick(T0 + 7)
     assert state.lost == {("app.x", "unknown", "worker_lost"): 1}
 
 
@@ -276,16 +276,16 @@ def test_workers_are_not_timed_out_while_the_exporter_receives_no_events(state):
     beat(state, T0)
     started(state, "t1", "app.a", T0 + 1)
     state.events_interrupted(T0 + 5)  # our subscription is gone for 60 s
-    state.expire(T0 + 65)
+    state.tick(T0 + 65)
     worker = state.workers[W]
     assert worker.up and worker.unclean_shutdowns == 0 and worker.epoch == 0
     state.events_resumed(T0 + 65)  # its 4 s of silence before the outage still count
-    state.expire(T0 + 70)
+    state.tick(T0 + 70)
     assert worker.up and not state.pending_lost
-    state.expire(T0 + 72)  # 12 s of its own silence (5 before the outage): past the 10 s timeout
+    state.tick(T0 + 72)  # 12 s of its own silence (5 before the outage): past the 10 s timeout
     assert not worker.up and worker.unclean_shutdowns == 1
     assert "t1" in state.tasks  # held until the lost-task grace has passed
-    state.expire(T0 + 80)
+    state.tick(T0 + 80)
     assert "t1" not in state.tasks and sum(state.lost.values()) == 1
 
 
@@ -295,7 +295,7 @@ def test_a_task_sent_event_that_arrives_after_the_task_finished_leaves_nothing_w
     state.apply(ev("task-succeeded", uuid="quick", runtime=0.01, timestamp=T0 + 1), T0 + 1)
     state.apply(ev("task-sent", uuid="quick", name="app.a", queue="q", hostname="gen1@h", timestamp=T0 + 1),
                 T0 + 2)
-    assert "quick" not in state.tasks and state.sent[("app.a", "q")] == 1
+    assert "quick" not in state.tasks and state.sent[("app.a", "h", "q")] == 1
     assert state.queue_of_name["app.a"] == "q"
 
 
@@ -308,4 +308,4 @@ def test_a_retry_is_awaited_again_after_its_task_sent(state):
     assert state.tasks["r"].state == "PENDING" and state.tasks["r"].sent_at == T0 + 2
     started(state, "r", "app.flaky", T0 + 5)
     state.apply(ev("task-succeeded", uuid="r", runtime=1.0, timestamp=T0 + 6), T0 + 6)
-    assert "r" not in state.tasks and state.sent[("app.flaky", "q")] == 2
+    assert "r" not in state.tasks and state.sent[("app.flaky", "h", "q")] == 2
