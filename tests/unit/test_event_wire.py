@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from celery_health_exporter.sources.amqp_wire import READ_CHUNK, FrameReader
 from celery_health_exporter.sources.redis_wire import READ_CHUNK as REDIS_READ_CHUNK
-from celery_health_exporter.sources.redis_wire import TAKE_LIMIT, PubSubParser, RedisReader
+from celery_health_exporter.sources.redis_wire import (FEED_SLICE, MALFORMED_ENVELOPE, TAKE_LIMIT, PubSubParser,
+                                                      RedisReader, unwrap)
 from celery_health_exporter.state.ingest import IngestStats
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
@@ -335,8 +336,10 @@ def test_other_reply_types_are_skipped_whole():
 
 
 @pytest.mark.parametrize("reply, match", [
-    (b"-ERR wrong number of arguments\r\n", "wrong number of arguments"),
-    (b"!21\r\nSYNTAX invalid syntax\r\n", "SYNTAX invalid syntax"),
+    (b"-ERR wrong number of arguments\r\n", "Redis: ERR wrong number of arguments"),
+    # RESP3's bulk error: hiredis does not know it (Redis sends it only after HELLO 3, which
+    # kombu never says); a protocol error is a connection error all the same
+    (b"!21\r\nSYNTAX invalid syntax\r\n", 'Redis protocol error: got "!"'),
 ])
 def test_error_replies_raise_after_the_messages_before_them(reply, match):
     parser = PubSubParser()
@@ -356,7 +359,7 @@ def test_error_replies_raise_after_the_messages_before_them(reply, match):
     b"*1\r\n$3\r\nabcdef\r\n",  # a bulk string longer than it says
     b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n:5\r\n",  # a message whose payload is not a string
     b"*2\r\n$7\r\nmessage\r\n$2\r\nch\r\n",  # a message without payload
-])
+], ids=["no-type-byte", "bad-length", "long-bulk", "int-payload", "no-payload"])
 def test_protocol_errors_are_clear_never_a_misparse(garbage):
     with pytest.raises(ConnectionError, match="Redis protocol"):
         PubSubParser().feed(garbage + message(b"x"))
@@ -364,6 +367,57 @@ def test_protocol_errors_are_clear_never_a_misparse(garbage):
     assert parser.feed(message(b"good") + garbage + message(b"x")) == [b"good"]
     with pytest.raises(ConnectionError, match="Redis protocol"):
         parser.feed(b"")
+
+
+def test_a_message_longer_than_its_length_fails_right_after_it():
+    """hiredis skips the two bytes after a bulk string without checking them: the message
+    passes on cut to its length, then the next byte out of step fails the stream, and
+    nothing from behind it comes out."""
+    broken = array(bulk(b"message"), bulk(b"ch"), b"$3\r\nabcdef\r\n")
+    parser = PubSubParser()
+    assert parser.feed(message(b"good") + broken + message(b"x")) == [b"good", b"abc"]
+    with pytest.raises(ConnectionError, match="Redis protocol error"):
+        parser.feed(message(b"later"))
+
+
+def test_deep_nesting_is_skipped_or_a_connection_error():
+    """hiredis 3.5 refuses nesting past a limit, older releases take any depth: either way no
+    crash, and the messages before it come out."""
+    out = PubSubParser().feed(message(b"a") + b"*1\r\n" * 20_000 + b":1\r\n" + message(b"b"))
+    assert out in ([b"a"], [b"a", b"b"]), out
+
+
+def test_false_is_a_reply_not_the_end_of_the_data():
+    """RESP3's ``#f``: hiredis's default "not enough data" is False too; the messages after it
+    must come out in the same feed."""
+    assert PubSubParser().feed(b"#f\r\n" + message(b"a") + b"#f\r\n" + message(b"b")) == [b"a", b"b"]
+
+
+def test_a_large_take_is_fed_to_hiredis_in_slices():
+    """Fed whole, hiredis's buffer compaction is quadratic in the size of a take; sliced,
+    every message still comes out whole across the slice boundaries."""
+    payloads = [b"%06d" % i * 50 for i in range(3 * TAKE_LIMIT // 300 // 10)]
+    stream = b"".join(pmessage(p) for p in payloads)
+    assert len(stream) > 3 * FEED_SLICE
+    assert PubSubParser().feed(stream) == payloads
+
+
+@SETTINGS
+@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_property_arbitrary_bytes_give_messages_or_a_connection_error(data, cuts):
+    """Whatever the bytes, the production parser yields byte payloads or raises ConnectionError
+    (a reconnect); never another exception, and once failed it stays failed."""
+    parser = PubSubParser()
+    bounds = sorted(c for c in cuts if c <= len(data))
+    failed = False
+    for a, b in zip([0, *bounds], [*bounds, len(data)]):
+        try:
+            out = parser.feed(data[a:b])
+        except ConnectionError:
+            failed = True
+            continue
+        assert not failed, "a failed parser yielded again"
+        assert all(type(p) is bytes for p in out)
 
 
 resp_frames = st.lists(st.one_of(
@@ -384,6 +438,22 @@ def test_property_any_split_yields_the_same_messages(frames, data):
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
     assert feed_chunks([stream]) == expected
     assert feed_chunks(chunks) == expected
+
+
+def test_unwrap_a_kombu_envelope():
+    assert unwrap(ENVELOPE) == ('W3sidHlwZSI6ICJ0YXNrLXN0YXJ0ZWQifV0=', "application/json")
+    based = b'{"body": "W3sidHlwZSI6ICJ0YXNrLXN0YXJ0ZWQifV0=", "content-type": "application/json", ' \
+            b'"properties": {"body_encoding": "base64"}}'
+    assert unwrap(based) == (b'[{"type": "task-started"}]', "application/json")
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"not json", b"[1, 2]", b'{"no": "body"}', b'"a string"', b'{"body": 1, "properties": []}',
+    b'{"body": "abc", "properties": {"body_encoding": "base64"}}', b"\xff\xfe",
+])
+def test_unwrap_refuses_what_is_not_an_envelope(payload):
+    with pytest.raises(MALFORMED_ENVELOPE):
+        unwrap(payload)
 
 
 # ---------------------------------------------------------------------------
