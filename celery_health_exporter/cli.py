@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from . import __version__
+from . import __version__, peer_flags
 from .config import (
     DEFAULT_QUEUE_WAIT_BUCKETS,
     DEFAULT_RUNTIME_BUCKETS,
@@ -28,6 +28,7 @@ from .config import (
     validate_broker_url,
     validate_http_url,
     validate_regex,
+    validate_ssl_options,
 )
 
 ENV_PREFIX = "CELERY_EXPORTER_"
@@ -70,6 +71,14 @@ OPTIONS = [
      "million series.", "bool"),
     ("--no-hostname-in-task-histograms", False, "The default (accepted so that older command lines still start).",
      "bool"),
+    ("--generic-hostname-task-sent-metric", False, "Label celery_task_sent_total with hostname=\"generic\" instead "
+     "of each publisher's host (publishers with random names, e.g. pods); as prometheus-exporter-celery's flag.",
+     "bool"),
+    ("--generic-hostname-worker-task-metric", False, "Label the task counters and histograms with "
+     "hostname=\"generic\" instead of each worker's, summed over the workers (workers with random names); "
+     "celery_task_sent_total is not affected. As prometheus-exporter-celery's flag.", "bool"),
+    ("--default-queue-name", "unknown", "queue_name of a task whose queue nothing tells (no task-sent, a worker "
+     "consuming several queues); prometheus-exporter-celery's flag, whose default is `celery`.", "value"),
     ("--max-tracked-tasks", "100000", "Bound of the in-flight task table; the oldest are evicted and counted.",
      "value"),
     ("--max-task-names", "1000", "Most distinct task names; further ones are reported as `other` "
@@ -202,8 +211,16 @@ def _shard_queue(name: str, broker_url: str) -> str:
     return name
 
 
-def config_from_args(argv: list[str] | None = None, env=None) -> Config:
+def config_from_args(argv: list[str] | None = None, env=None, notice=None) -> Config:
+    """``notice``: where the lines about prometheus-exporter-celery's flags go (stderr by default)."""
     env = os.environ if env is None else env
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        argv, env, notices = peer_flags.translate(argv, env, env_name)
+    except peer_flags.PeerFlagError as exc:
+        raise ConfigError(exc.flag, str(exc)) from None
+    for line in notices:
+        (notice or (lambda text: print(text, file=sys.stderr)))(line)
     args = build_parser().parse_args(argv)
     raw = {flag: _raw(args, flag, default, kind, env) for flag, default, _, kind in OPTIONS}
 
@@ -239,7 +256,8 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
         broker_url=validate_broker_url(raw["--broker-url"]),
         broker_transport_options=parse_key_values(raw["--broker-transport-option"], "--broker-transport-option",
                                                   json_values=True),
-        broker_ssl_options=parse_key_values(raw["--broker-ssl-option"], "--broker-ssl-option", json_values=True),
+        broker_ssl_options=validate_ssl_options(
+            parse_key_values(raw["--broker-ssl-option"], "--broker-ssl-option", json_values=True)),
         listen_host=host,
         listen_port=port,
         metric_prefix=prefix,
@@ -292,7 +310,17 @@ def config_from_args(argv: list[str] | None = None, env=None) -> Config:
         max_exceptions=cap("--max-exceptions"),
         max_publishers=cap("--max-publishers"),
         flower_metrics=bool(raw["--flower-metrics"]),
+        task_sent_hostname=not raw["--generic-hostname-task-sent-metric"],
+        generic_worker_task_hostname=bool(raw["--generic-hostname-worker-task-metric"]),
+        default_queue_name=_label_value(raw["--default-queue-name"], "--default-queue-name"),
     )
+
+
+def _label_value(value: str, flag: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ConfigError(flag, "must not be empty")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,5 +369,8 @@ def flags_markdown() -> str:
     for flag, default, help_text, kind in OPTIONS:
         shown = {"bool": "off", "list": "—"}.get(kind, f"`{default}`" if default != "" else "—")
         env = f"`{env_name(flag)}`" + (" or `CELERY_BROKER_URL`" if flag == "--broker-url" else "")
+        if flag in peer_flags.SHARED:
+            env += f" or `{peer_flags.peer_env_name(flag)}`"
         rows.append(f"| `{flag}` | {env} | {shown} | {help_text.replace('|', '/')} |")
+    rows.extend(peer_flags.flags_markdown_rows(env_name))
     return "\n".join(rows)

@@ -10,7 +10,7 @@ import json
 import re
 import socket
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 SUPPORTED_SCHEMES = {
@@ -87,6 +87,10 @@ class Config:
     max_queues: int = 1000
     max_exceptions: int = 200
     max_publishers: int = 1000
+    # prometheus-exporter-celery's labelling choices (--generic-hostname-*, --default-queue-name)
+    task_sent_hostname: bool = True
+    generic_worker_task_hostname: bool = False
+    default_queue_name: str = "unknown"
     # Flower's metric families beside ours (--flower-metrics), for Flower's dashboard and alerts
     flower_metrics: bool = False
 
@@ -143,7 +147,34 @@ def validate_broker_url(url: str, flag: str = "--broker-url") -> str:
             db = parts.path.strip("/")
             if db and not db.isdigit():
                 raise ConfigError(flag, f"Redis database must be a number, got {db!r} in {mask_url(part)!r}")
+        for key, values in parse_qs(parts.query).items():  # rediss://...?ssl_ca_certs=/ca.pem
+            if key in TLS_FILE_KEYS:
+                for value in values:
+                    _readable_tls_file(value, key, flag)
     return url
+
+
+# TLS options that name files: kombu's amqp ones and redis-py's (URL query or --broker-ssl-option).
+TLS_FILE_KEYS = ("ca_certs", "certfile", "keyfile", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def _readable_tls_file(path, key: str, flag: str) -> None:
+    """A certificate or key file that cannot be read would fail every connection
+    attempt with an error that does not name it (redis-py says "Error 2 connecting
+    to host:port. No such file or directory."): bad input, said at start. Only the
+    path is ever shown, never what the file holds."""
+    try:
+        with open(str(path), "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(flag, f"{key}={path}: cannot read it: {exc.strerror or exc}") from None
+
+
+def validate_ssl_options(options: dict, flag: str = "--broker-ssl-option") -> dict:
+    for key in TLS_FILE_KEYS:
+        if key in options:
+            _readable_tls_file(options[key], key, flag)
+    return options
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")

