@@ -30,8 +30,6 @@ import json
 import socket
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid as uuidlib
 
 from celery.events.event import get_exchange
@@ -69,12 +67,13 @@ class EventsSource(Source):
         self.ingest = IngestStats(shard_queue=self.shard_queue)
         self._no_events_hint_logged = False
         self._next_enable_events = 0.0
-        self._management = None  # rabbitmq.ManagementAccess, when there is an API to read drops from
+        self._management = None  # rabbitmq_api.ManagementAPI, when there is an API to read drops from
         self._drops_thread: threading.Thread | None = None
         if config.broker_kind == "amqp" and getattr(config, "rabbitmq_management_url", ""):
-            from .rabbitmq import management_access
+            from .rabbitmq_api import ManagementAPI, management_access
 
-            self._management = management_access(config, app)
+            # short: a request is retried QUEUE_STATS_INTERVAL later anyway
+            self._management = ManagementAPI(management_access(config, app), request_timeout=2.0)
         self._unacked: dict = {}  # channel -> last delivery tag not yet acked (shared queue)
 
     def describe(self) -> str:
@@ -168,6 +167,8 @@ class EventsSource(Source):
     def stop(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
         super().stop(timeout)
+        if self._management is not None:
+            self._management.cancel()
         if self._drops_thread is not None:  # a request may be under way; a daemon: a hung one holds nothing
             self._drops_thread.join(max(0.0, deadline - time.monotonic()))
 
@@ -324,9 +325,12 @@ class EventsSource(Source):
     def _poll_queue_drops(self) -> None:
         """Its own thread, every QUEUE_STATS_INTERVAL from the start: a slow or
         hung management API never stalls event intake."""
-        while not self.stopping:
-            self._read_queue_drops()
-            self.sleep(QUEUE_STATS_INTERVAL)
+        try:
+            while not self.stopping:
+                self._read_queue_drops()
+                self.sleep(QUEUE_STATS_INTERVAL)
+        finally:
+            self._management.close()
 
     def _read_queue_drops(self) -> None:
         """Messages RabbitMQ dropped from our queues (TTL, max length) = published
@@ -346,20 +350,14 @@ class EventsSource(Source):
         return self._no_events_hint_logged
 
 
-def management_queue(access, queue: str, timeout: float = 2.0) -> tuple[int, int] | None:
+def management_queue(api, queue: str) -> tuple[int, int] | None:
     """(published, dropped) of one queue from its management API counters, or None when
     the API does not say. Every message published into the queue is still in it (ready
     or delivered and unacked), or was acked, or was delivered without ack; the rest was
     dropped (TTL, max length). Unacked deliveries of the acked shared queue must not
     count as dropped, nor redeliveries twice, hence not simply publish - deliver_get."""
-    # No `columns=` here: on the single-queue endpoint RabbitMQ 3.10 answers it with [].
-    quote = urllib.parse.quote
-    url = f"{access.api_base}/api/queues/{quote(access.vhost, safe='')}/{quote(queue, safe='')}"
-    request = urllib.request.Request(url)
-    request.add_header("authorization", access.authorization)
-    with urllib.request.urlopen(request, timeout=timeout, context=access.ssl_context()) as response:
-        info = json.loads(response.read())
-    if not isinstance(info, dict):
+    info = api.queue(queue)  # api: a rabbitmq_api.ManagementAPI
+    if info is None:
         return None
     stats = info.get("message_stats") or {}
     if "publish" not in stats:

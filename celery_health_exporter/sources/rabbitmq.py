@@ -1,4 +1,4 @@
-"""RabbitMQ queues: the management HTTP API (aiohttp), or AMQP passive declares without it.
+"""RabbitMQ queues: the management HTTP API (``rabbitmq_api``), or AMQP passive declares without it.
 
 With ``--rabbitmq-management-url`` one listing request per 500 queues
 (``columns=`` keeps each item to a few fields) gives ready, unacked,
@@ -12,21 +12,13 @@ queues nobody mentioned (the black holes). The log and the status page say so.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
-import ssl
 import time
-from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
-
-import aiohttp
 
 from ..state.events import Report, count, count_refused, finite_number, ignore
 from ..state.queues import BrokerState, QueuesSnapshot, QueueStats
-from .queues_common import PollError, QueuePoller
+from .queues_common import QueuePoller
+from .rabbitmq_api import MONITORING_TAGS, ManagementAPI, management_access
 
-PAGE_SIZE = 500  # the API's largest page
 COLUMNS = ",".join((
     "name", "messages_ready", "messages_unacknowledged", "consumers", "consumer_utilisation",
     "message_stats.publish", "message_stats.deliver_get", "message_stats.redeliver", "message_stats.ack",
@@ -35,6 +27,9 @@ MISSING_WITHOUT_API = (
     "no --rabbitmq-management-url: queue lengths and consumer counts come from AMQP passive declares of the "
     "queues named in --queues or seen in events only; unacked counts, consumer utilisation, message counters, "
     "connections and the discovery of queues nobody mentioned (black holes) need the management API")
+NO_MONITORING_TAG = (
+    "user {user!r} has no monitoring tag: RabbitMQ shows it its own connections only, so "
+    "celery_broker_connections is left out (rabbitmqctl set_user_tags {user} monitoring)")
 
 
 def queue_stats(item: dict, report: Report = ignore) -> QueueStats | None:
@@ -70,46 +65,29 @@ class RabbitMQSource(QueuePoller):
     name = "rabbitmq"
     kind = "amqp"
 
-    request_timeout = 10.0  # seconds, every request
-    connect_timeout = 5.0
-    max_response_bytes = 32 * 1024 * 1024  # one page of 500 queues is ~100 KB
-
     def __init__(self, config, state, app):
         self.api_url = config.rabbitmq_management_url.rstrip("/")
         self.missing = "" if self.api_url else MISSING_WITHOUT_API
         super().__init__(config, state, app)
-        access = management_access(config, app)
-        self.vhost, self.api_base, self.user = access.vhost, access.api_base, access.user
-        self._authorization = access.authorization
-        self._ssl = access.ssl_context() or True  # aiohttp: True = verify with the system CAs
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self.api = ManagementAPI(management_access(config, app)) if self.api_url else None
+        self._monitoring: bool | None = None  # has our API user the monitoring tag? asked at each poll
         self._amqp = None
         self._channel = None
 
     def describe(self) -> str:
-        if self.api_url:
-            return f"management API {self.api_base} (vhost {self.vhost!r}, user {self.user!r})"
-        return self.missing
+        if self.api is None:
+            return self.missing
+        where = f"management API {self.api.base} (vhost {self.api.vhost!r}, user {self.api.user!r})"
+        return f"{where}; {NO_MONITORING_TAG.format(user=self.api.user)}" if self._monitoring is False else where
 
     # ------------------------------------------------------------- lifecycle
-    def run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            super().run()
-        finally:
-            self._loop.close()
-
     def wake(self) -> None:
-        loop, task = self._loop, self._task
-        if loop is not None and task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
+        if self.api is not None:
+            self.api.cancel()
 
     def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.run_until_complete(session.close())
+        if self.api is not None:
+            self.api.close()
         self._channel = None  # released with its connection
         connection, self._amqp = self._amqp, None
         if connection is not None:
@@ -117,98 +95,31 @@ class RabbitMQSource(QueuePoller):
 
     # ------------------------------------------------------------------ poll
     def poll(self) -> QueuesSnapshot:
-        if not self.api_url:
+        if self.api is None:
             return self._poll_amqp()
-        if self._loop is None:  # polled directly (tests, benchmark): a loop of our own
-            self._loop = asyncio.new_event_loop()
-        self._task = self._loop.create_task(self._poll_api())
-        try:
-            return self._loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            raise PollError("stopped") from None
-        finally:
-            self._task = None
-
-    async def _poll_api(self) -> QueuesSnapshot:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=2, ssl=self._ssl),
-                headers={"Accept": "application/json", "Authorization": self._authorization},
-            )
-        vhost = quote(self.vhost, safe="")
         queues: dict[str, QueueStats] = {}
         refused: list[str] = []
-        page = 1
-        while True:
-            data = await self._get(f"/api/queues/{vhost}",
-                                   {"page": page, "page_size": PAGE_SIZE, "columns": COLUMNS})
-            if not isinstance(data, dict) or not isinstance(data.get("items"), list):
-                raise PollError("unexpected answer from the management API: no paginated queue listing "
-                                "(a RabbitMQ older than 3.6?)")
-            for item in data["items"]:
-                name = item.get("name") if isinstance(item, dict) else None
-                if isinstance(name, str) and self.accept(name):
-                    stats = queue_stats(item, refused.append)
-                    if stats is not None:
-                        queues[name] = stats
-            page_count = count(data.get("page_count"), refused.append) or 0
-            if page >= page_count or not data["items"]:  # an empty page ends it whatever page_count says
-                break
-            page += 1
-        connections = await self._get(f"/api/vhosts/{vhost}/connections", {"columns": "name"})
+        for item in self.api.queues(COLUMNS):
+            name = item.get("name")
+            if isinstance(name, str) and self.accept(name):
+                stats = queue_stats(item, refused.append)
+                if stats is not None:
+                    queues[name] = stats
+        connections = self.api.connections()
+        self._monitoring = self._has_monitoring_tag()
         count_refused(self.state, refused)
         return QueuesSnapshot(queues=queues, taken_at=time.time(),
-                              connections=len(connections) if isinstance(connections, list) else None)
+                              # without the monitoring tag RabbitMQ lists the user's own connections only
+                              connections=len(connections) if connections is not None and self._monitoring
+                              else None)
 
-    async def _get(self, path: str, params: dict):
-        url = self.api_base + path
-        try:
-            timeout = aiohttp.ClientTimeout(total=self.request_timeout, connect=self.connect_timeout)
-            async with self._session.get(url, params=params, timeout=timeout) as response:
-                body = await self._read(response)
-                if response.status != 200:
-                    raise PollError(self._http_error(response.status))
-                content_type = response.headers.get("Content-Type", "")
-                try:
-                    return json.loads(body)
-                except ValueError:
-                    raise PollError(
-                        f"not JSON from the management API at {self.api_base} (HTTP {response.status}, "
-                        f"{content_type.split(';')[0] or 'no content type'}): a proxy or error page?") from None
-        except PollError:
-            raise
-        except asyncio.TimeoutError:
-            raise PollError(f"no answer from the management API at {self.api_base} within "
-                            f"{self.request_timeout:g}s") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise PollError(f"cannot connect to the management API at {self.api_base}: "
-                            f"{exc.os_error.strerror or exc.os_error}") from None
-        except aiohttp.ClientError as exc:
-            raise PollError(f"management API at {self.api_base}: {type(exc).__name__}: {exc}"[:300]) from None
-
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        declared = response.content_length
-        if declared is not None and declared > self.max_response_bytes:
-            raise PollError(f"answer of {declared} bytes from the management API, over the "
-                            f"{self.max_response_bytes} limit")
-        chunks, size = [], 0
-        async for chunk in response.content.iter_chunked(256 * 1024):
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                raise PollError(f"answer from the management API over the {self.max_response_bytes} bytes limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _http_error(self, status: int) -> str:
-        where = f"the management API at {self.api_base}"
-        if status == 401:
-            return f"HTTP 401 from {where}: login failed for user {self.user!r} (wrong credentials?)"
-        if status == 403:
-            return (f"HTTP 403 from {where}: user {self.user!r} may not read vhost {self.vhost!r} "
-                    "(it needs the monitoring tag and permissions on the vhost)")
-        if status == 404:
-            return f"HTTP 404 from {where}: vhost {self.vhost!r} not found (or not a management API URL)"
-        return f"HTTP {status} from {where}"
+    def _has_monitoring_tag(self) -> bool:
+        tags = self.api.tags()
+        if tags is None or tags & MONITORING_TAGS:
+            return True  # an API that does not say is taken at its word
+        if self._monitoring is not False:  # logged when it becomes so, not at every poll
+            self.log.warning("%s: %s", self.name, NO_MONITORING_TAG.format(user=self.api.user))
+        return False
 
     # ------------------------------------------------------- AMQP fallback
     def _poll_amqp(self) -> QueuesSnapshot:
@@ -233,44 +144,3 @@ class RabbitMQSource(QueuePoller):
                 queues[name] = QueueStats(ready=ready, consumers=consumers)
         count_refused(self.state, refused)
         return QueuesSnapshot(queues=queues, taken_at=time.time())
-
-
-@dataclass(frozen=True)
-class ManagementAccess:
-    """Where and as whom the management API is read: the one derivation of it."""
-
-    api_base: str  # without credentials: printable
-    vhost: str
-    user: str
-    authorization: str  # the Basic header value
-    ca_file: str
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
-
-
-def management_access(config, app) -> ManagementAccess:
-    """The API's own credentials when its URL has them, else the broker's; the vhost of the broker URL."""
-    broker = app.connection_for_read()  # parses the URL, does not connect
-    vhost = broker.virtual_host or "/"
-    broker_user, broker_password = broker.userid, broker.password
-    broker.release()
-    api_base, api_user, api_password = _split_credentials(config.rabbitmq_management_url.rstrip("/"))
-    user = api_user if api_user is not None else (broker_user or "guest")
-    password = api_password if api_user is not None else (broker_password or "guest")
-    return ManagementAccess(api_base, vhost, user,
-                            "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode(),
-                            config.rabbitmq_management_ca_file)
-
-
-def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
-    """``http://user:pw@host:15672/x`` -> (``http://host:15672/x``, user, pw): the
-    credentials travel in a header only, never in a URL we might print."""
-    parts = urlsplit(url)
-    if parts.username is None:
-        return url, None, None
-    netloc = parts.hostname if ":" not in (parts.hostname or "") else f"[{parts.hostname}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return (urlunsplit(parts._replace(netloc=netloc)), unquote(parts.username),
-            unquote(parts.password or ""))

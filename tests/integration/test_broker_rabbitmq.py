@@ -161,8 +161,8 @@ def poller(broker_url, api_url, **overrides) -> tuple[RabbitMQSource, ClusterSta
     config = Config(broker_url=broker_url, rabbitmq_management_url=api_url, broker_poll_interval=1)
     state = ClusterState()
     source = RabbitMQSource(config, state, make_app(config))
-    for name, value in overrides.items():
-        setattr(source, name, value)
+    for name, value in overrides.items():  # on the management API client
+        setattr(source.api, name, value)
     return source, state
 
 
@@ -192,23 +192,23 @@ def test_failures_are_named_clearly_values_dropped_and_logged_once_per_change(am
         assert source.poll_once() and state.broker.snapshot is not None
         assert state.broker.snapshot.queues == {}  # an empty vhost: nothing, and not a failure
 
-        source.api_base = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        source.request_timeout = 0.5
+        source.api.base = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        source.api.request_timeout = 0.5
         for _ in range(3):
             assert not source.poll_once()
         assert state.broker.snapshot is None and not source.health.up
         assert "no answer from the management API" in state.broker.reason and "0.5s" in state.broker.reason
 
-        source.api_base = f"http://127.0.0.1:{html.server_address[1]}"
+        source.api.base = f"http://127.0.0.1:{html.server_address[1]}"
         assert not source.poll_once()
         assert state.broker.reason.startswith("HTTP 502 from the management API")
 
-        source.api_base = RABBITMQ_API
-        source.vhost = "no-such-vhost"
+        source.api.base = RABBITMQ_API
+        source.api.vhost = "no-such-vhost"
         assert not source.poll_once()
         assert "HTTP 404" in state.broker.reason and "vhost 'no-such-vhost' not found" in state.broker.reason
 
-        source.api_base = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        source.api.base = f"http://127.0.0.1:{free_port()}"  # nothing listens
         assert not source.poll_once()
         assert "cannot connect to the management API" in state.broker.reason
         source.close()
@@ -222,7 +222,7 @@ def test_failures_are_named_clearly_values_dropped_and_logged_once_per_change(am
 
         # An HTML page where JSON was expected (HTTP 200): named as such.
         source, state = poller(amqp.url, f"http://127.0.0.1:{html.server_address[1]}")
-        source.vhost = "x"
+        source.api.vhost = "x"
         html.RequestHandlerClass = _HtmlOkPage
         assert not source.poll_once()
         assert "not JSON from the management API" in state.broker.reason and "text/html" in state.broker.reason
@@ -284,7 +284,7 @@ def test_truncated_short_and_dripping_answers_are_named_and_the_source_recovers(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         source, state = poller(amqp.url, f"http://127.0.0.1:{server.server_address[1]}")
-        source.request_timeout = 0.5
+        source.api.request_timeout = 0.5
         expected = {"truncated": "not JSON from the management API",
                     "short": "management API at",
                     "drip": "no answer from the management API"}
@@ -295,7 +295,7 @@ def test_truncated_short_and_dripping_answers_are_named_and_the_source_recovers(
             assert reason in state.broker.reason, (mode, state.broker.reason)
             assert state.broker.snapshot is None and not source.health.up
             assert time.monotonic() - started < 3  # bounded by the request timeout, whatever the server does
-        source.api_base = RABBITMQ_API  # the real API again: back up by itself
+        source.api.base = RABBITMQ_API  # the real API again: back up by itself
         assert source.poll_once() and state.broker.snapshot is not None and source.health.up
         source.close()
     finally:
@@ -308,7 +308,7 @@ def test_messages_the_broker_drops_from_a_queue_are_read_from_the_management_api
     from kombu import Connection, Exchange, Queue
 
     from celery_health_exporter.sources.events import management_queue
-    from celery_health_exporter.sources.rabbitmq import management_access
+    from celery_health_exporter.sources.rabbitmq_api import ManagementAPI, management_access
 
     config = Config(broker_url=amqp.url, rabbitmq_management_url=RABBITMQ_API)
     exchange = Exchange("drops", type="fanout", durable=False)
@@ -318,13 +318,13 @@ def test_messages_the_broker_drops_from_a_queue_are_read_from_the_management_api
         producer = connection.Producer(exchange=exchange)
         for i in range(4):
             producer.publish({"n": i}, serializer="json")
-    access = management_access(config, make_app(config))
+    api = ManagementAPI(management_access(config, make_app(config)))
     # The broker's statistics are refreshed every few seconds, later on a busy broker (one
     # CI run waited more than 20 s). On failure the last reading is shown, not just False.
     readings = []
 
     def dropped_three():
-        readings.append(management_queue(access, "overflowing"))
+        readings.append(management_queue(api, "overflowing"))
         return readings[-1] == (4, 3)
 
     try:
