@@ -24,8 +24,6 @@ batches) while worker events still come to each replica's own queue.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import socket
 import threading
@@ -40,7 +38,7 @@ from ..state.events import MalformedEvent, decode_body
 from ..state.ingest import IngestStats
 from .amqp_wire import FrameReader
 from .base import Backoff, Source, is_outage
-from .redis_wire import SOCKET_RCVBUF, PubSubParser, RedisReader
+from .redis_wire import MALFORMED_ENVELOPE, SOCKET_RCVBUF, PubSubParser, RedisReader, unwrap
 
 DRAIN_TIMEOUT = 0.5
 REDIS_PING_INTERVAL = 10.0
@@ -287,14 +285,9 @@ class EventsSource(Source):
             self.ingest.backlog_bytes = 0
 
     def _apply_redis_payload(self, payload: bytes) -> None:
-        """A kombu envelope: JSON with the body (base64 unless told otherwise) and its content type."""
         try:
-            envelope = json.loads(payload)
-            body = envelope["body"]
-            if envelope.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            content_type = envelope.get("content-type")
-        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
+            body, content_type = unwrap(payload)
+        except MALFORMED_ENVELOPE:
             self.ingest.messages += 1
             with self.state.lock:
                 self.state.count_malformed("envelope")
