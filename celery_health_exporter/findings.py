@@ -274,11 +274,11 @@ def _fail_rates(state) -> list[Finding]:
     """failed / (failed + succeeded) of each task name and queue, over every worker, since the
     exporter started."""
     runs: dict[tuple[str, str], list[int]] = {}
-    for worker in state.workers.values():
-        for (name, queue), flow in worker.flows.items():
-            counts = runs.setdefault((name, queue), [0, 0])
-            counts[0] += sum(flow.failed.values())
-            counts[1] += flow.succeeded
+    for flow in state.all_flows():
+        name, _hostname, queue = flow.labels
+        counts = runs.setdefault((name, queue), [0, 0])
+        counts[0] += sum(flow.failed.values())
+        counts[1] += flow.succeeded
     percent_over = _rule("task_high_fail_rate")["percent"]
     out = []
     for (name, queue), (failed, succeeded) in sorted(runs.items()):

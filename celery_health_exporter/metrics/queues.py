@@ -27,6 +27,13 @@ CONSUMERS = gauge("active_consumer_count", "Consumers of the queue (RabbitMQ: th
                   "whose active_queues include it in the last remote-control poll, 0 when no worker answered; "
                   "absent while that is unknown, see celery_broker_consumers_known). 0 with messages waiting = a "
                   "black hole.", Q, source=BOTH)
+ACTIVE_WORKERS = gauge("active_worker_count", "Live workers whose active_queues include the queue, from the last "
+                       "remote-control poll (prometheus-exporter-celery's family). 0 for a queue the broker or an "
+                       "earlier poll named that no live worker consumes; absent while that is unknown (see "
+                       "celery_broker_consumers_known).", Q, source="inspect")
+ACTIVE_PROCESSES = gauge("active_process_count", "Pool processes of those workers (inspect stats; a worker "
+                         "without child processes, e.g. --pool solo or threads, adds 0, as in "
+                         "prometheus-exporter-celery).", Q, source="inspect")
 CONSUMERS_KNOWN = gauge("broker_consumers_known", "1 when celery_active_consumer_count is known for every queue: "
                         "always on RabbitMQ (the broker counts), on Redis while remote-control polls succeed "
                         "(--inspect-interval > 0); 0 when it is unknown and the count absent.", source=BOTH)
@@ -48,7 +55,7 @@ CONNECTIONS = gauge("broker_connections", "Client connections to the broker's vh
                     "churn shows reconnect storms.", source=RABBITMQ)
 
 DEFINITIONS = (LENGTH, LENGTH_BY_PRIORITY, UNACKED, OLDEST_UNACKED_AGE, VISIBILITY_TIMEOUT, UNACKED_SAMPLED,
-               CONSUMERS, CONSUMERS_KNOWN, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, OLDEST_UNSTARTED, BROKER_UP,
+               CONSUMERS, ACTIVE_WORKERS, ACTIVE_PROCESSES, CONSUMERS_KNOWN, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, OLDEST_UNSTARTED, BROKER_UP,
                CONNECTIONS)
 
 _COUNTERS = ((PUBLISHED, "published"), (DELIVERED, "delivered"), (REDELIVERED, "redelivered"), (ACKED, "acked"))
@@ -62,6 +69,7 @@ def collect(ctx):
     now = ctx.now
     for queue, age in broker.oldest_unstarted(state, now).items():
         yield OLDEST_UNSTARTED, (queue,), age
+    yield from _active_workers(state, broker, now)
     if broker.up is None:  # no broker poller configured
         return
     yield BROKER_UP, (broker.broker,), 1 if broker.up else 0
@@ -96,3 +104,28 @@ def collect(ctx):
             value = getattr(stats, attribute)
             if value is not None:
                 yield definition, labels, value
+
+
+def _active_workers(state, broker, now):
+    """Per queue: live workers consuming it and their pool processes. Known when the
+    consumers are (the same rules as celery_active_consumer_count from the workers)."""
+    workers = broker.consumers_from_workers(state, now)
+    if workers is None:
+        return
+    processes: dict[str, int] = {}
+    for hostname, queues in state.worker_queues.items():
+        worker = state.workers.get(hostname)
+        if worker is not None and not worker.up:
+            continue
+        pool = (worker.pool_processes if worker is not None else None) or 0
+        for queue in queues:
+            processes[queue] = processes.get(queue, 0) + pool
+    # Queues consumed before, or that the broker has, stay at 0 rather than vanish (a queue
+    # that lost its last worker is what the count is watched for).
+    named = set(workers) | {queue for queues in state.worker_queues.values() for queue in queues}
+    if broker.snapshot is not None:
+        named.update(broker.snapshot.queues)
+    for queue in sorted(named):
+        if broker.accept(queue):
+            yield ACTIVE_WORKERS, (queue,), workers.get(queue, 0)
+            yield ACTIVE_PROCESSES, (queue,), processes.get(queue, 0)

@@ -9,8 +9,9 @@ from .text import Column
 
 FLOW_LABELS = ("name", "hostname", "queue_name")
 
-SENT = counter("task_sent", "Tasks published, from task-sent events (needs task_send_sent_event on publishers).",
-               "name", "queue_name")
+SENT = counter("task_sent", "Tasks published, from task-sent events (needs task_send_sent_event on publishers). "
+               "hostname: the host part of the publisher's node name (gen123@web-1 -> web-1), or `generic` with "
+               "--generic-hostname-task-sent-metric.", *FLOW_LABELS)
 RECEIVED = counter("task_received", "Tasks received by a worker.", *FLOW_LABELS)
 STARTED = counter("task_started", "Tasks started by a worker.", *FLOW_LABELS)
 SUCCEEDED = counter("task_succeeded", "Tasks that succeeded.", *FLOW_LABELS)
@@ -21,11 +22,20 @@ REJECTED = counter("task_rejected", "Tasks rejected by a worker.", *FLOW_LABELS)
 RUNTIME = histogram("task_runtime", "Run time in seconds of tasks that succeeded or failed.", *FLOW_LABELS)
 QUEUE_WAIT = histogram(
     "task_queue_wait_time",
-    "Seconds from task-received (or its ETA, when later) to task-started, on the worker's clock.",
+    "Seconds from publication (the task-sent's timestamp, or the ETA when later) to task-started: the time "
+    "the task waited in the broker's queue and the worker's prefetch buffer. For a task whose task-sent was not "
+    "seen before its task-started (publishers without task_send_sent_event), from task-received instead: only "
+    "the prefetch wait, a lower bound (see celery_task_prefetch_wait_time). Publisher and worker clocks must "
+    "agree; a negative difference counts as 0.",
     *FLOW_LABELS)
-# The same two families under --no-hostname-in-task-histograms (one name, one contract: not listed twice).
+PREFETCH_WAIT = histogram(
+    "task_prefetch_wait_time",
+    "Seconds from task-received (or the ETA when later) to task-started, on the worker's clock: the time the "
+    "task sat in the worker's prefetch buffer behind other tasks (worker_prefetch_multiplier).", *FLOW_LABELS)
+# The same families under --no-hostname-in-task-histograms (one name, one contract: not listed twice).
 RUNTIME_NO_HOSTNAME = replace(RUNTIME, labels=("name", "queue_name"))
 QUEUE_WAIT_NO_HOSTNAME = replace(QUEUE_WAIT, labels=("name", "queue_name"))
+PREFETCH_WAIT_NO_HOSTNAME = replace(PREFETCH_WAIT, labels=("name", "queue_name"))
 
 EXPIRED = counter("task_expired", "Tasks discarded because their `expires` had passed (each one also grows the "
                   "workers' revoked sets).", "name", "queue_name")
@@ -39,7 +49,7 @@ ACTIVE_OLDEST = gauge("task_active_oldest_age_seconds", "Age of the longest-runn
                       "name")
 
 DEFINITIONS = (SENT, RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, REJECTED, RUNTIME, QUEUE_WAIT,
-               EXPIRED, LOST, UNPICKLABLE, ACTIVE_OLDEST)
+               PREFETCH_WAIT, EXPIRED, LOST, UNPICKLABLE, ACTIVE_OLDEST)
 
 
 _FLOW_COUNTERS = ((RECEIVED, "received"), (STARTED, "started"), (SUCCEEDED, "succeeded"), (RETRIED, "retried"),
@@ -48,10 +58,10 @@ _FLOW_COUNTERS = ((RECEIVED, "received"), (STARTED, "started"), (SUCCEEDED, "suc
 
 def collect(ctx):
     state = ctx.state
-    for (name, queue), count in state.sent.items():
-        yield SENT, (name, queue), count
+    for key, count in state.sent.items():
+        yield SENT, key, count
     # One Column per family over all flows (the renderer's fast path; see text.Column).
-    flows = [flow for worker in state.workers.values() for flow in worker.flows.values()]
+    flows = state.all_flows()
     labels = [flow.labels for flow in flows]
     for definition, attribute in _FLOW_COUNTERS:
         yield definition, None, Column(labels, list(map(attrgetter(attribute), flows)))
@@ -61,11 +71,13 @@ def collect(ctx):
     if state.task_histograms is None:
         yield RUNTIME, None, Column(labels, [flow.runtime for flow in flows])
         yield QUEUE_WAIT, None, Column(labels, [flow.queue_wait for flow in flows])
+        yield PREFETCH_WAIT, None, Column(labels, [flow.prefetch_wait for flow in flows])
     else:
         keys = list(state.task_histograms)
-        pairs = list(state.task_histograms.values())
-        yield RUNTIME_NO_HOSTNAME, None, Column(keys, [runtime for runtime, _ in pairs])
-        yield QUEUE_WAIT_NO_HOSTNAME, None, Column(keys, [queue_wait for _, queue_wait in pairs])
+        triples = list(state.task_histograms.values())
+        yield RUNTIME_NO_HOSTNAME, None, Column(keys, [runtime for runtime, _, _ in triples])
+        yield QUEUE_WAIT_NO_HOSTNAME, None, Column(keys, [queue_wait for _, queue_wait, _ in triples])
+        yield PREFETCH_WAIT_NO_HOSTNAME, None, Column(keys, [prefetch for _, _, prefetch in triples])
     for (name, queue), count in state.expired.items():
         yield EXPIRED, (name, queue), count
     for key, count in state.lost.items():

@@ -24,6 +24,7 @@ from .publishers import PublisherState
 from .beat import BeatState
 
 UNKNOWN = "unknown"
+GENERIC = "generic"  # the hostname of --generic-hostname-* (prometheus-exporter-celery's value)
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 MAX_EVENT_TYPES = 64  # custom event types are user-defined strings: keep the label bounded
 CHILD_TASK_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 500, 1000)
@@ -50,16 +51,18 @@ class TaskFlow:
     """
 
     __slots__ = ("labels", "received", "started", "succeeded", "retried", "revoked", "rejected", "failed",
-                 "runtime", "queue_wait", "created")
+                 "runtime", "queue_wait", "prefetch_wait", "created")
 
-    def __init__(self, labels: tuple[str, str, str], runtime: Histogram, queue_wait: Histogram, now: float):
+    def __init__(self, labels: tuple[str, str, str], runtime: Histogram, queue_wait: Histogram,
+                 prefetch_wait: Histogram, now: float):
         self.labels = labels  # (name, hostname, queue): made once, read at every scrape
         self.received = self.started = self.succeeded = 0
         self.retried = self.revoked = self.rejected = 0
         self.failed: dict[str, int] = {}
         # Per flow, or shared by every worker's flow of a (name, queue): see task_histograms.
         self.runtime = runtime
-        self.queue_wait = queue_wait
+        self.queue_wait = queue_wait  # from publication (task-sent) when known, else from task-received
+        self.prefetch_wait = prefetch_wait  # from task-received: time in the worker's prefetch buffer
         self.created = now
 
 
@@ -154,6 +157,9 @@ class ClusterState:
         stall_after: float = 300.0,
         lost_task_grace: float = 30.0,
         task_sent_grace: float = 0.0,  # the daemon passes --task-sent-grace; 0 counts at once
+        task_sent_hostname: bool = True,
+        generic_worker_task_hostname: bool = False,
+        unknown_queue: str = UNKNOWN,
         caps: CardinalityCaps | None = None,
         utcoffset: float | None = None,
         now: float | None = None,
@@ -164,20 +170,28 @@ class ClusterState:
         self.stall_after = stall_after
         self.lost_task_grace = lost_task_grace
         self.task_sent_grace = task_sent_grace
+        # celery_task_sent_total's hostname: the publisher's host part, or GENERIC for every publisher
+        # (--generic-hostname-task-sent-metric: publishers in pods with random names).
+        self.task_sent_hostname = task_sent_hostname
+        # The queue label of a task whose queue nothing tells (--default-queue-name).
+        self.unknown_queue = unknown_queue
         self.worker_timeout = worker_timeout
         self.purge_offline_after = purge_offline_after
         self.runtime_buckets = tuple(runtime_buckets)
         self.queue_wait_buckets = tuple(queue_wait_buckets)
         # Without hostname, the run-time and queue-wait histograms are one pair per
         # (name, queue) that every worker's flow observes into: served instead of the flows'.
-        self.task_histograms: dict[tuple[str, str], tuple[Histogram, Histogram]] | None = (
+        self.task_histograms: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] | None = (
             None if task_histograms_by_worker else {})
+        # --generic-hostname-worker-task-metric: one flow per (name, queue), labelled
+        # hostname="generic", that every worker's flows of that key are.
+        self.generic_flows: dict[tuple[str, str], TaskFlow] | None = {} if generic_worker_task_hostname else None
         self.max_tracked_tasks = max_tracked_tasks
         self.utcoffset = local_utcoffset() if utcoffset is None else utcoffset
         self.started_at = time.time() if now is None else now
 
         self.workers: dict[str, WorkerState] = {}
-        self.sent: dict[tuple[str, str], int] = {}
+        self.sent: dict[tuple[str, str, str], int] = {}  # (name, publisher's host, queue)
         self.tasks: OrderedDict[str, TaskRecord] = OrderedDict()
         self.tracked_evicted = 0
         self.tracked_vanished = 0
@@ -290,7 +304,7 @@ class ClusterState:
         if name is None:
             return False
         queue = self._queue_for(None, self.cardinality.name.fold(name), hostname)
-        return queue != UNKNOWN
+        return queue != self.unknown_queue
 
     def _release_unattributed(self, held: list, attributed: bool) -> None:
         """Apply held events: after their task-sent made the task known, or when the grace
@@ -533,7 +547,7 @@ class ClusterState:
         consumed = self.worker_queues.get(hostname) if hostname else None
         if consumed and len(consumed) == 1:
             return self.cardinality.queue_name.fold(next(iter(consumed)))
-        return UNKNOWN
+        return self.unknown_queue
 
     def queue_for(self, record: TaskRecord | None) -> str:
         """The queue a task is attributed to (the same rules as its counters)."""
@@ -546,22 +560,35 @@ class ClusterState:
         key = (name, self._queue_for(record, name, worker.hostname))
         flow = worker.flows.get(key)
         if flow is None:
-            shared = self.task_histograms
-            histograms = shared.get(key) if shared is not None else None
-            if histograms is None:
-                histograms = (Histogram(self.runtime_buckets), Histogram(self.queue_wait_buckets))
-                if shared is not None:
-                    shared[key] = histograms
-            flow = worker.flows[key] = TaskFlow((key[0], worker.hostname, key[1]), *histograms, now)
+            generic = self.generic_flows
+            flow = generic.get(key) if generic is not None else None
+            if flow is None:
+                shared = self.task_histograms
+                histograms = shared.get(key) if shared is not None else None
+                if histograms is None:
+                    histograms = (Histogram(self.runtime_buckets), Histogram(self.queue_wait_buckets),
+                                  Histogram(self.queue_wait_buckets))
+                    if shared is not None:
+                        shared[key] = histograms
+                hostname = GENERIC if generic is not None else worker.hostname
+                flow = TaskFlow((key[0], hostname, key[1]), *histograms, now)
+                if generic is not None:
+                    generic[key] = flow
+            worker.flows[key] = flow
         return flow, worker
+
+    def all_flows(self) -> list[TaskFlow]:
+        """Every task flow once (with --generic-hostname-worker-task-metric, workers share theirs)."""
+        if self.generic_flows is not None:
+            return list(self.generic_flows.values())
+        return [flow for worker in self.workers.values() for flow in worker.flows.values()]
 
     def runtime_by_name(self) -> dict[str, tuple[int, float]]:
         """(count, sum) of the run times of each task name, over every worker and queue."""
         if self.task_histograms is not None:
             histograms = ((name, pair[0]) for (name, _queue), pair in self.task_histograms.items())
         else:
-            histograms = ((name, flow.runtime) for worker in self.workers.values()
-                          for (name, _queue), flow in worker.flows.items())
+            histograms = ((flow.labels[0], flow.runtime) for flow in self.all_flows())
         totals: dict[str, tuple[int, float]] = {}
         for name, histogram in histograms:
             count, total = totals.get(name, (0, 0.0))
@@ -571,10 +598,15 @@ class ClusterState:
     def _on_task_sent(self, event: dict, now: float, ts: float) -> None:
         uuid = self._uuid(event)
         name = self.cardinality.name.fold(text(event, "name") or UNKNOWN)
-        queue = self.cardinality.queue_name.fold(text(event, "queue") or text(event, "routing_key") or UNKNOWN)
-        if queue != UNKNOWN:
+        queue = self.cardinality.queue_name.fold(text(event, "queue") or text(event, "routing_key")
+                                                 or self.unknown_queue)
+        if queue != self.unknown_queue:
             self.queue_of_name[name] = queue
-        key = (name, queue)
+        if self.task_sent_hostname:
+            publisher = self.cardinality.publisher.fold(host_part(text(event, "hostname") or UNKNOWN))
+        else:
+            publisher = GENERIC
+        key = (name, publisher, queue)
         self.sent[key] = self.sent.get(key, 0) + 1
         earlier = self.finished.get(uuid)
         if earlier is not None and earlier.state == "FINISHED" and uuid not in self.tasks:
@@ -606,9 +638,15 @@ class ClusterState:
         worker.running += 1
         self._update_busy(worker, now)
         flow.started += 1
+        # Waiting from publication (or the ETA, when later) needs the task-sent; without it (a
+        # publisher without task_send_sent_event, or a task-sent still on its way) only the wait
+        # from receipt is known, a lower bound. Clocks of publisher and worker may differ: >= 0.
+        eta = record.eta or 0.0
+        since = record.sent_at if record.sent_at is not None else record.received_at
+        if since is not None:
+            flow.queue_wait.observe(max(0.0, ts - max(since, eta)))
         if record.received_at is not None:
-            waited_from = max(record.received_at, record.eta or 0.0)
-            flow.queue_wait.observe(max(0.0, ts - waited_from))
+            flow.prefetch_wait.observe(max(0.0, ts - max(record.received_at, eta)))
 
     def _move(self, record: TaskRecord, state: str, worker: WorkerState) -> None:
         """The task is now in ``state`` on the current process of ``worker``."""
@@ -905,6 +943,12 @@ class ClusterState:
         if self.task_events or not any(w.up for w in self.workers.values()):
             return None
         return now - min(w.first_seen for w in self.workers.values() if w.up)
+
+
+def host_part(nodename: str) -> str:
+    """``gen123@web-1`` -> ``web-1``: a publisher's node name carries its pid (a new series per
+    process); the host part is what prometheus-exporter-celery labels celery_task_sent_total with."""
+    return nodename.split("@", 1)[-1] or nodename
 
 
 def _iso_timestamp(value) -> float | None:

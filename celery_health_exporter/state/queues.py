@@ -111,7 +111,7 @@ class BrokerState:
     def known_queues(cluster) -> set[str]:
         """Queues the events and the remote-control poller have named (Redis
         discovery: a queue nobody declared a binding for is still worth a look)."""
-        names = {queue for _, queue in cluster.sent}
+        names = {key[-1] for key in cluster.sent}  # (name, publisher, queue)
         names.update(cluster.queue_of_name.values())
         for worker in cluster.workers.values():
             names.update(queue for _, queue in worker.flows)
