@@ -81,7 +81,11 @@ class Ticker:
         while not self._stop.wait(self.interval):
             try:
                 with self.state.lock:
-                    self.state.tick(time.time())
+                    now = time.time()
+                    self.state.tick(now)
+                    flower = getattr(self.state, "flower", None)  # --flower-metrics: its time-driven part
+                    if flower is not None:
+                        flower.expire(now)
             except Exception:  # a bug: logged, and the next tick tries again
                 self.failures += 1
                 if self.failures == 1:

@@ -18,22 +18,28 @@ class MetricDef:
     help: str
     labels: tuple = ()
     source: str = "events"  # which source feeds it (for the docs)
+    # A family named by another tool (Flower's flower_*) keeps its name whatever --metric-prefix says.
+    prefix: str | None = None
+
+    def family_name(self, prefix: str = "celery_") -> str:
+        """The name in the exposition (counters without ``_total``)."""
+        return (self.prefix if self.prefix is not None else prefix) + self.name
 
     def exposed_name(self, prefix: str = "celery_") -> str:
         suffix = "_total" if self.kind == "counter" else ""
-        return f"{prefix}{self.name}{suffix}"
+        return f"{self.family_name(prefix)}{suffix}"
 
 
-def counter(name: str, help: str, *labels: str, source: str = "events") -> MetricDef:
-    return MetricDef(name, "counter", help, labels, source)
+def counter(name: str, help: str, *labels: str, source: str = "events", prefix: str | None = None) -> MetricDef:
+    return MetricDef(name, "counter", help, labels, source, prefix)
 
 
-def gauge(name: str, help: str, *labels: str, source: str = "events") -> MetricDef:
-    return MetricDef(name, "gauge", help, labels, source)
+def gauge(name: str, help: str, *labels: str, source: str = "events", prefix: str | None = None) -> MetricDef:
+    return MetricDef(name, "gauge", help, labels, source, prefix)
 
 
-def histogram(name: str, help: str, *labels: str, source: str = "events") -> MetricDef:
-    return MetricDef(name, "histogram", help, labels, source)
+def histogram(name: str, help: str, *labels: str, source: str = "events", prefix: str | None = None) -> MetricDef:
+    return MetricDef(name, "histogram", help, labels, source, prefix)
 
 
 _AREA_MODULES = (
@@ -46,6 +52,7 @@ _AREA_MODULES = (
     "celery_health_exporter.metrics.host",
     "celery_health_exporter.metrics.publish",
     "celery_health_exporter.metrics.beat",
+    "celery_health_exporter.metrics.flower",
 )
 
 

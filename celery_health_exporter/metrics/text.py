@@ -200,7 +200,7 @@ def render_families(samples, prefix: str, static_labels: dict, openmetrics: bool
     def family_of(definition) -> tuple:
         family = families.get(id(definition))
         if family is None:
-            family = families[id(definition)] = (definition, prefix + definition.name, definition.kind, [])
+            family = families[id(definition)] = (definition, definition.family_name(prefix), definition.kind, [])
         return family
 
     for definition, label_values, value in samples:
