@@ -31,6 +31,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -148,7 +149,7 @@ def run_broker(kind: str, args, log_dir: Path) -> dict:
     broker = BROKERS[kind]()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(log_dir / f"probes-exporter-{kind}.log", "w")
+    log = open(log_dir / f"exporter-{kind}.log", "w")
     exporter = subprocess.Popen([sys.executable, "-m", "celery_health_exporter", "--broker-url", broker.url,
                                  "--listen-address", f"127.0.0.1:{port}", "--log-level", "WARNING"],
                                 stdout=log, stderr=log, cwd=ROOT)
@@ -225,8 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--redis-rate", type=float, default=10_000, help="events/s on Redis (pub/sub drops a slow reader)")
     p.add_argument("--max-wait", type=float, default=300.0)
     args = p.parse_args(argv)
-    log_dir = ROOT / "benchmarks" / "results"
-    log_dir.mkdir(exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="che-probes-"))
     results = [run_broker(kind, args, log_dir) for kind in args.brokers.split(",")]
     print("| broker | flows | series | scrape ms (median/max) | gzip KB / KB | probes p50/p99/max ms, scraped "
           "| same, scraped + storm | events/s alone | events/s scraped | ratio |")
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
               f"{s['scrape_gzip_kb']}/{s['scrape_kb']} | {s['probe_p50_ms']}/{s['probe_p99_ms']}/{s['probe_max_ms']} | "
               f"{w['probe_p50_ms']}/{w['probe_p99_ms']}/{w['probe_max_ms']} | {r['alone']['events_per_s']} | "
               f"{w['events_per_s']} | {r['intake_ratio']:.0%} |")
-    out = log_dir / f"probes-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = ROOT / "benchmarks" / "results" / f"probes-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "results": results}, indent=1))
     print(f"written {out.relative_to(ROOT)}")
     return 0

@@ -62,7 +62,7 @@ class EventsSource(Source):
         self.app = app
         self.queue_name = f"celeryev.celery-health-exporter.{uuidlib.uuid4().hex[:12]}"
         self.shard_queue = getattr(config, "shard_task_events", "") or ""
-        self.ingest = IngestStats(shard_queue=self.shard_queue)
+        self.ingest = IngestStats()
         self._no_events_hint_logged = False
         self._next_enable_events = 0.0
         self._management = None  # rabbitmq_api.ManagementAPI, when there is an API to read drops from

@@ -58,7 +58,6 @@ class HostSource(Source):
         self.interval = config.host_scan_interval
         self.pattern = re.compile(config.host_worker_pattern) if config.host_worker_pattern else None
         self.host = socket.gethostname()
-        self.denied = 0  # processes whose command line could not be read, last scan
 
     def describe(self) -> str:
         what = f"pattern {self.pattern.pattern!r}" if self.pattern else "celery ... worker"
@@ -90,17 +89,13 @@ class HostSource(Source):
         """One pass over the process table: (worker process samples, every pid seen)."""
         samples: list[ProcessSample] = []
         pids: set[int] = set()
-        denied = 0
         pattern, host, own_pid = self.pattern, self.host, os.getpid()
         for proc in psutil.process_iter():
             pid = proc.pid
             pids.add(pid)
             try:
                 argv = proc.cmdline()
-            except psutil.AccessDenied:
-                denied += 1
-                continue
-            except psutil.Error:  # NoSuchProcess, ZombieProcess: gone or going
+            except psutil.Error:  # AccessDenied, NoSuchProcess, ZombieProcess: not ours to read, or gone
                 continue
             if not argv or pid == own_pid:
                 continue  # kernel threads, zombies, ourselves
@@ -116,13 +111,7 @@ class HostSource(Source):
                     rss = proc.memory_info().rss
                     cpu = proc.cpu_times()
                 pgid = os.getpgid(pid)
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                continue
-            except psutil.AccessDenied:
-                denied += 1
-                continue
-            except psutil.Error:
+            except (psutil.Error, ProcessLookupError):
                 continue
             samples.append(ProcessSample(pid, ppid, pgid, create_time, command, rss, cpu.user + cpu.system))
-        self.denied = denied
         return samples, pids

@@ -21,8 +21,6 @@ class IngestStats:
     backlog_bytes: int = 0
     # messages received, and message bodies that could not be used
     messages: int = 0
-    # the shared task-event queue of --shard-task-events, when sharded
-    shard_queue: str = ""
     # last raw estimate per queue role, to credit a loss only once it is stable
     _pending: dict = field(default_factory=dict)
     # per role: the queue's publish counter, the figure two snapshots agreed on in

@@ -188,7 +188,6 @@ class ClusterState:
         self.generic_flows: dict[tuple[str, str], TaskFlow] | None = {} if generic_worker_task_hostname else None
         self.max_tracked_tasks = max_tracked_tasks
         self.utcoffset = local_utcoffset() if utcoffset is None else utcoffset
-        self.started_at = time.time() if now is None else now
 
         self.workers: dict[str, WorkerState] = {}
         self.sent: dict[tuple[str, str, str], int] = {}  # (name, publisher's host, queue)

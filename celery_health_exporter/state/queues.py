@@ -59,7 +59,6 @@ class BrokerState:
         self.snapshot: QueuesSnapshot | None = None
         self.accept: Callable[[str], bool] = _accept_all
         self.missing = ""  # what this broker/mode cannot provide, for the status page
-        self.polls = 0
 
     # ----------------------------------------------------------- the poller
     def configure(self, *, kind: str, broker: str, accept: Callable[[str], bool] | None = None,
@@ -73,7 +72,6 @@ class BrokerState:
         self.snapshot = snapshot
         self.up = True
         self.reason = "ok"
-        self.polls += 1
 
     def fail(self, reason: str) -> None:
         """A failed poll: last values are dropped, not served stale."""
