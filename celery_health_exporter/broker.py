@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ssl
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -21,10 +22,23 @@ def ssl_options(options: dict) -> dict:
     return converted
 
 
+def amqp_tls_options(config) -> dict:
+    """py-amqp checks the broker's host name only when given ``server_hostname``
+    (kombu never passes it): without it any certificate of the right CA would do.
+    The URL's host, unless set, or unless failover URLs name several hosts."""
+    options = ssl_options(config.broker_ssl_options)
+    hosts = {urlsplit(part).hostname for part in config.broker_url.split(";")}
+    if len(hosts) == 1 and None not in hosts and "server_hostname" not in options:
+        options["server_hostname"] = hosts.pop()
+    return options
+
+
 def make_app(config) -> Celery:
     app = Celery("celery-health-exporter", broker=config.broker_url, set_as_current=False)
     app.conf.broker_transport_options = dict(config.broker_transport_options)
-    if config.broker_ssl_options:
+    if config.broker_kind == "amqp" and (config.broker_ssl_options or config.broker_url.startswith("amqps://")):
+        app.conf.broker_use_ssl = amqp_tls_options(config)
+    elif config.broker_ssl_options:
         app.conf.broker_use_ssl = ssl_options(config.broker_ssl_options)
     app.conf.broker_connection_timeout = CONNECT_TIMEOUT
     app.conf.broker_heartbeat = AMQP_HEARTBEAT

@@ -27,6 +27,7 @@ from .config import (
     split_env_list,
     validate_broker_url,
     validate_http_url,
+    validate_readable_file,
     validate_regex,
     validate_ssl_options,
 )
@@ -295,7 +296,8 @@ def config_from_args(argv: list[str] | None = None, env=None, notice=None) -> Co
         broker_poll_interval=seconds("--broker-poll-interval"),
         broker_poll=not raw["--no-broker-poll"],
         rabbitmq_management_url=validate_http_url(raw["--rabbitmq-management-url"], "--rabbitmq-management-url"),
-        rabbitmq_management_ca_file=raw["--rabbitmq-management-ca-file"],
+        rabbitmq_management_ca_file=validate_readable_file(raw["--rabbitmq-management-ca-file"],
+                                                           "--rabbitmq-management-ca-file"),
         queue_include=validate_regex(raw["--queue-include"], "--queue-include"),
         queue_exclude=validate_regex(raw["--queue-exclude"], "--queue-exclude"),
         queues=tuple(q.strip() for q in raw["--queues"].split(",") if q.strip()),

@@ -147,7 +147,14 @@ def validate_broker_url(url: str, flag: str = "--broker-url") -> str:
             db = parts.path.strip("/")
             if db and not db.isdigit():
                 raise ConfigError(flag, f"Redis database must be a number, got {db!r} in {mask_url(part)!r}")
-        for key, values in parse_qs(parts.query).items():  # rediss://...?ssl_ca_certs=/ca.pem
+        query = parse_qs(parts.query)
+        if SUPPORTED_SCHEMES[parts.scheme] == "amqp" and any(key.startswith("ssl") for key in query):
+            # kombu hands them to py-amqp as ssl_ca_certs=..., which py-amqp does not take
+            # (every connection would fail with a TypeError): say where they go instead.
+            raise ConfigError(flag, f"TLS settings in the query of {mask_url(part)!r} are not read by py-amqp; "
+                              "give them as --broker-ssl-option ca_certs=... certfile=... keyfile=... "
+                              "cert_reqs=CERT_REQUIRED")
+        for key, values in query.items():  # rediss://...?ssl_ca_certs=/ca.pem
             if key in TLS_FILE_KEYS:
                 for value in values:
                     _readable_tls_file(value, key, flag)
@@ -168,6 +175,17 @@ def _readable_tls_file(path, key: str, flag: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(flag, f"{key}={path}: cannot read it: {exc.strerror or exc}") from None
+
+
+def validate_readable_file(path: str, flag: str) -> str:
+    """An optional file flag (empty: not given) that must be readable now."""
+    if path:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def validate_ssl_options(options: dict, flag: str = "--broker-ssl-option") -> dict:

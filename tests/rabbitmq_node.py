@@ -45,6 +45,11 @@ class Pki:
     client_key: Path
     other_ca: Path  # a CA that signed nothing here: "wrong CA"
 
+    def key_lines(self) -> list[str]:
+        """The private keys' base64 lines: none may ever show in a log or a page."""
+        return [line for path in (self.client_key, self.server_key) for line in path.read_text().splitlines()
+                if line and not line.startswith("-----")]
+
 
 def _key():
     from cryptography.hazmat.primitives.asymmetric import ec

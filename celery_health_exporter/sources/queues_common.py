@@ -17,9 +17,11 @@ from .base import PollError, Source, is_outage  # PollError: re-exported for the
 
 # Celery's own plumbing, never task queues: event receivers (celeryev.<uuid>, ours too),
 # remote-control mailboxes (<node>.celery.pidbox, <uuid>.reply.celery.pidbox), server-named
-# queues (amq.gen-...) and the rpc:// result backend's reply queues (a bare uuid).
+# queues (amq.gen-...), the rpc:// result backend's reply queues (a bare uuid) and, with
+# quorum queues (Celery 5.5+), the native delayed delivery's celery_delayed_0..27 (optionally
+# prefixed): they hold countdown/ETA tasks with no consumer by design, never a black hole.
 INTERNAL_QUEUES = re.compile(
-    r"celeryev\..*|.*\.pidbox|amq\..*"
+    r"celeryev\..*|.*\.pidbox|amq\..*|(.+_)?celery_delayed_\d+"
     r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
 )
 
