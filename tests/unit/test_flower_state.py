@@ -208,7 +208,9 @@ def test_label_values_are_capped_like_ours():
         both.send("worker-heartbeat", f"w{n}", 0, freq=2.0, active=0)
         both.task("task-sent", f"gen{n}", 0.5, f"t{n}", name=f"app.n{n}", eta=None, queue="celery")
         both.task("task-received", f"w{n}", 1.0, f"t{n}", name=f"app.n{n}", eta=None)
-    ours = samples(StateCollector(both.state, []).render().replace('"other"', f'"other-{both.run}"'), both.run)
+    text = StateCollector(both.state, []).render()
+    assert 'celery_exporter_label_values_folded_total{label="flower_publisher"} 1' in text.splitlines()
+    ours = samples(text.replace('"other"', f'"other-{both.run}"'), both.run)
     workers = {dict(labels)["worker"] for _name, labels in ours}
     tasks = {dict(labels).get("task") for _name, labels in ours} - {None}
     assert workers == {both.host("w1"), both.host("gen1"), f"other-{both.run}"}
@@ -241,3 +243,21 @@ def test_runtime_buckets_are_flowers_default():
     from celery_health_exporter.state.flower import RUNTIME_BUCKETS
 
     assert list(RUNTIME_BUCKETS) + [math.inf] == list(options.task_runtime_metric_buckets)
+
+
+def test_the_daemon_builds_it_with_the_flag_and_its_ticker_moves_it_in_time():
+    from celery_health_exporter.app import Ticker, build_state
+    from celery_health_exporter.config import Config
+    from tests.harness import wait_for
+
+    assert getattr(build_state(Config(broker_url="redis://127.0.0.1/0")), "flower", None) is None
+    state = build_state(Config(broker_url="redis://127.0.0.1/0", flower_metrics=True, purge_offline_after=0.05))
+    with state.lock:
+        state.apply({"type": "task-sent", "uuid": "u1", "name": "app.a", "hostname": "gen1@h", "queue": "celery",
+                     "timestamp": T0, "utcoffset": 0}, T0)
+    assert set(state.flower.labels) == {"gen1@h"}
+    ticker = Ticker(state, interval=0.01).start()
+    try:
+        wait_for(lambda: not state.flower.labels, 10, message="the silent publisher purged by the ticker")
+    finally:
+        ticker.stop()
