@@ -81,11 +81,7 @@ class Ticker:
         while not self._stop.wait(self.interval):
             try:
                 with self.state.lock:
-                    now = time.time()
-                    self.state.tick(now)
-                    flower = getattr(self.state, "flower", None)  # --flower-metrics: its time-driven part
-                    if flower is not None:
-                        flower.expire(now)
+                    self.state.tick(time.time())
             except Exception:  # a bug: logged, and the next tick tries again
                 self.failures += 1
                 if self.failures == 1:

@@ -3,7 +3,7 @@ order. A terminal event that names no task, for a task not known yet, waits up t
 task_sent_grace for the task-sent that names it, then counts under "unknown"."""
 import pytest
 
-from celery_health_exporter.state import model
+from celery_health_exporter.state import tasks
 from celery_health_exporter.state.model import ClusterState
 
 from .events import T0, W, ev
@@ -77,7 +77,7 @@ def test_events_of_a_held_task_wait_behind_it_in_order_until_its_task_sent(state
 
 
 def test_memory_is_bounded_the_oldest_held_event_counts_at_once(state, monkeypatch):
-    monkeypatch.setattr(model, "MAX_UNATTRIBUTED", 3)
+    monkeypatch.setattr(tasks, "MAX_UNATTRIBUTED", 3)
     for i in range(5):
         state.apply(revoked_expired(f"b{i}"), T0)
     assert len(state.unattributed) == 3
