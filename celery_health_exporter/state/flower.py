@@ -29,8 +29,7 @@ loses its series, unless the model still holds the worker.
 Fed through ``ClusterState.register_handler``: each of Celery's task and worker
 event types goes first to the model's handler, then here, with the same event,
 ``now`` and corrected timestamp ``ts`` (held events too, when the model releases
-them). Time moves it in ``expire(now)``, which the exporter's ticker calls after
-``ClusterState.tick``. Bounded: label values are capped like ours (worker node names
+them). Time moves it in ``expire(now)``, run once a second with ``ClusterState.tick``. Bounded: label values are capped like ours (worker node names
 and task names by the model's caps, --max-workers and --max-task-names; publishers'
 node names, one per publishing process, by a cap of their own of --max-publishers
 values, so that they do not take the slots of celery_task_sent_total's publisher
