@@ -17,6 +17,14 @@ consumer's CPU goes idle. Measured per consumer:
 
 The peer is ``prometheus-exporter-celery`` from PyPI, installed into its own
 virtualenv (its pins clash with ours) under ``~/.cache/che-bench``.
+``ours-resp-reference`` (Redis only) is this exporter with the hand-written RESP
+parser it had before hiredis (``benchmarks/resp_reference.py``).
+
+On Redis, the same run also records the bytes Redis writes to a subscriber of
+the event exchange during a storm and feeds them, in the slices the events
+thread takes, through each parser and the events source into the state model
+(bytes -> parsed -> applied), in process, alternating the parsers
+(``--parser-rounds``): events per CPU second of the whole Redis pipeline per parser.
 Prints one table with ratios to the drain and writes JSON to ``benchmarks/results/``.
 """
 from __future__ import annotations
@@ -270,7 +278,16 @@ class Peer(Consumer):
         return status
 
 
-CONSUMERS = {"drain": Drain, "ours": Ours, "peer": Peer}
+class OursRespReference(Ours):
+    """This exporter with the RESP parser it had before hiredis."""
+    name = "ours-resp-reference"
+    brokers = ("redis",)
+
+    def command(self):
+        return [sys.executable, "-m", "benchmarks.resp_reference", *super().command()[3:]]
+
+
+CONSUMERS = {"drain": Drain, "ours": Ours, "ours-resp-reference": OursRespReference, "peer": Peer}
 
 
 # ---------------------------------------------------------------------- run
@@ -325,6 +342,111 @@ def run_one(consumer_cls, broker_cls, args, log_dir: Path) -> dict:
     return result
 
 
+# ------------------------------------------------- the Redis parsers, in process
+
+def record_redis_stream(args) -> bytes:
+    """The bytes Redis writes to a pattern subscriber of the event exchange (db REDIS_DB)
+    while a storm runs: exactly what the events source reads from its socket."""
+    import socket
+
+    broker = RedisBroker()
+    sock = socket.create_connection(("127.0.0.1", 6379))
+    sock.sendall(b"*2\r\n$6\r\nSELECT\r\n$%d\r\n%d\r\n" % (len(str(REDIS_DB)), REDIS_DB))  # found by subscribers()
+    assert sock.recv(16) == b"+OK\r\n"
+    pattern = f"/{REDIS_DB}.celeryev/*".encode()
+    sock.sendall(b"*2\r\n$10\r\nPSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(pattern), pattern))
+    chunks, last = [], [time.time()]
+
+    def read():
+        while data := sock.recv(1 << 20):
+            chunks.append(data)
+            last[0] = time.time()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: broker.subscribers() > 0, 10, "the recording subscriber")
+        subprocess.run([sys.executable, "-m", "benchmarks.storm", "--broker-url", broker.url,
+                        "--tasks", str(args.parser_tasks), "--workers", str(args.workers), "--names",
+                        str(args.names), "--mode", args.parser_mode, "--rate", str(args.redis_rate)],
+                       stdout=subprocess.DEVNULL, check=True, cwd=ROOT)
+        wait_until(lambda: time.time() - last[0] > 1.0, 60, "the recorded stream to end")
+    finally:
+        sock.close()
+        broker.close()
+    return b"".join(chunks)
+
+
+def parser_pipeline(stream: bytes, parser_cls) -> dict:
+    """One pass of ``stream`` through ``parser_cls`` and the events source into a fresh
+    state model, in the slices the events thread takes (redis_wire.TAKE_LIMIT)."""
+    from celery_health_exporter.app import build_state, make_app
+    from celery_health_exporter.cli import config_from_args
+    from celery_health_exporter.sources.events import EventsSource
+    from celery_health_exporter.sources.redis_wire import TAKE_LIMIT
+
+    config = config_from_args(["--broker-url", f"redis://127.0.0.1:6379/{REDIS_DB}",
+                               "--listen-address", "127.0.0.1:9"], env={})
+    source = EventsSource(config, build_state(config), make_app(config))
+    slices = [stream[i:i + TAKE_LIMIT] for i in range(0, len(stream), TAKE_LIMIT)]
+    # CPU time of this process (single-threaded here): on a machine shared with other
+    # work, wall time measures the neighbours as much as the parser
+    parser = parser_cls()
+    started = time.process_time()
+    messages = sum(len(parser.feed(data)) for data in slices)
+    parse_seconds = time.process_time() - started
+    parser = parser_cls()
+    apply = source._apply_redis_payload
+    started = time.process_time()
+    for data in slices:
+        for payload in parser.feed(data):
+            apply(payload)
+    seconds = time.process_time() - started
+    return {"messages": messages, "applied_messages": source.ingest.messages,
+            "events": sum(source.state.events_by_type.values()),
+            "parse_seconds": parse_seconds, "pipeline_seconds": seconds}
+
+
+def compare_parsers(args) -> dict:
+    from benchmarks.resp_reference import PubSubParser as Reference
+    from celery_health_exporter.sources.redis_wire import PubSubParser as Hiredis
+
+    stream = record_redis_stream(args)
+    parsers = {"hiredis": Hiredis, "resp-reference": Reference}
+    runs: dict[str, list[dict]] = {name: [] for name in parsers}
+    for _ in range(args.parser_rounds):  # alternated: a noisy neighbour hits both alike
+        for name, cls in parsers.items():
+            runs[name].append(parser_pipeline(stream, cls))
+    counts = {(r["messages"], r["applied_messages"], r["events"]) for rs in runs.values() for r in rs}
+    assert len(counts) == 1, f"the parsers disagree on what the stream holds: {counts}"
+    messages, _, events = counts.pop()
+    out = {"stream_bytes": len(stream), "messages": messages, "events": events, "tasks": args.parser_tasks,
+           "mode": args.parser_mode, "rounds": args.parser_rounds, "parsers": {}}
+    for name, rs in runs.items():
+        pipeline = statistics.median(r["pipeline_seconds"] for r in rs)
+        parse = statistics.median(r["parse_seconds"] for r in rs)
+        out["parsers"][name] = {
+            "pipeline_events_per_s": round(events / pipeline),
+            "pipeline_us_per_event": round(pipeline / events * 1e6, 2),
+            "parse_messages_per_s": round(messages / parse), "parse_mb_per_s": round(len(stream) / parse / 1e6, 1),
+            "pipeline_seconds": [round(r["pipeline_seconds"], 3) for r in rs],
+            "parse_seconds": [round(r["parse_seconds"], 4) for r in rs]}
+    return out
+
+
+def parser_table(comparison: dict) -> str:
+    rows = [("parser", "pipeline events/CPU s", "CPU µs/event", "parse-only messages/CPU s", "parse-only MB/CPU s")]
+    for name, r in comparison["parsers"].items():
+        rows.append((name, f"{r['pipeline_events_per_s']:,}", f"{r['pipeline_us_per_event']:.2f}",
+                     f"{r['parse_messages_per_s']:,}", f"{r['parse_mb_per_s']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return (f"Redis pipeline, in process: {comparison['events']:,} events in {comparison['messages']:,} messages, "
+            f"{comparison['stream_bytes'] / 1e6:.1f} MB recorded, median of {comparison['rounds']} rounds\n"
+            + "\n".join(lines))
+
+
 def table(results: list[dict]) -> str:
     head = ("broker", "mode", "consumer", "events/s", "vs drain", "CPU µs/ev", "tasks counted/sent", "lost",
             "peak RSS MB", "/metrics ms", "/metrics KB")
@@ -346,13 +468,16 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, args, results: list, loadavg) -> None:
+def write_report(path: Path, args, results: list, loadavg, parsers: dict | None = None) -> None:
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": loadavg},
         "args": {k: v for k, v in vars(args).items() if k != "mode"}, "results": results,
         "table": table(results),
     }
+    if parsers:
+        report["redis_parsers"] = parsers
+        report["redis_parsers_table"] = parser_table(parsers)
     path.write_text(json.dumps(report, indent=2))
 
 
@@ -360,7 +485,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--brokers", default="amqp,redis")
     p.add_argument("--modes", default="multi,single", help="storm shapes: multi (task.multi batches), single")
-    p.add_argument("--consumers", default="drain,ours,peer")
+    p.add_argument("--consumers", default="drain,ours,ours-resp-reference,peer")
     p.add_argument("--tasks", type=int, default=50_000)
     p.add_argument("--workers", type=int, default=20)
     p.add_argument("--names", type=int, default=50)
@@ -372,6 +497,10 @@ def main(argv=None):
     p.add_argument("--exporter-flag", action="append", default=[],
                    help="extra flag for this exporter, e.g. --exporter-flag=--event-backlog-max-mb=64")
     p.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for a consumer to catch up")
+    p.add_argument("--parser-tasks", type=int, default=20_000,
+                   help="tasks of the storm recorded for the in-process Redis parser comparison; 0 = none")
+    p.add_argument("--parser-mode", default="multi", choices=("multi", "single"))
+    p.add_argument("--parser-rounds", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     Ours.extra_flags = [part for flag in args.exporter_flag for part in flag.split("=", 1)]
@@ -388,6 +517,8 @@ def main(argv=None):
         for mode in args.modes.split(","):
             args.mode = mode
             for name in args.consumers.split(","):
+                if kind not in getattr(CONSUMERS[name], "brokers", (kind,)):
+                    continue
                 print(f"[{kind} {mode}] {name} ...", file=sys.stderr, flush=True)
                 r = run_one(CONSUMERS[name], brokers[kind], args, log_dir)
                 r["mode"] = mode
@@ -396,8 +527,15 @@ def main(argv=None):
                 print(f"[{kind} {mode}] {name}: {r['events_per_s']:.0f} events/s, "
                       f"{r['tasks_counted']}/{r['tasks_sent']} tasks, {r['peak_rss_mb']} MB", file=sys.stderr,
                       flush=True)
-    write_report(path, args, results, loadavg)
+    parsers = None
+    if "redis" in args.brokers.split(",") and args.parser_tasks > 0:
+        print(f"[redis] parsers in process ({args.parser_tasks} tasks, {args.parser_mode}) ...", file=sys.stderr,
+              flush=True)
+        parsers = compare_parsers(args)
+    write_report(path, args, results, loadavg, parsers)
     print(table(results))
+    if parsers:
+        print("\n" + parser_table(parsers))
     print(f"\nJSON: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 
