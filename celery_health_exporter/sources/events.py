@@ -83,7 +83,12 @@ class EventsSource(Source):
 
     # ------------------------------------------------------------- queues
     def _queue_args(self) -> dict:
-        return dict(durable=False, auto_delete=False, exclusive=False,
+        # Durable, not exclusive, with x-expires: it outlives a reconnect (exclusive
+        # would die with the connection and lose what came meanwhile) and is gone
+        # --event-queue-expires after us. Durable because RabbitMQ 4.x deprecates
+        # transient non-exclusive queues (deprecated feature transient_nonexcl_queues);
+        # the events in it stay transient (Celery publishes them so), hence cheap.
+        return dict(durable=True, auto_delete=False, exclusive=False,
                     message_ttl=self.config.event_queue_ttl, expires=self.config.event_queue_expires,
                     max_length=self.config.event_queue_max_length)
 
