@@ -48,13 +48,23 @@ def build_state(config) -> ClusterState:
     return state
 
 
-def diagnose_now(state, config, now: float | None = None) -> list:
-    """The findings of the moment (the status page, /api/findings and doctor share it).
-    Only reads: the ticker moves the state in time. Blocks on the state lock: never call
-    it from the event loop (the HTTP handlers run it in a thread)."""
+def internal_errors(sources, collector=None) -> dict[str, int]:
+    """The bugs contained so far per source, as celery_exporter_internal_errors_total counts them
+    ("scrape": the metrics areas of the collector)."""
+    counts = {source.name: source.health.internal_errors for source in sources}
+    if collector is not None:
+        counts["scrape"] = collector.internal_errors
+    return counts
+
+
+def diagnose_now(state, config, now: float | None = None, errors: dict[str, int] | None = None) -> list:
+    """The findings of the moment (the status page, /api/findings and doctor share it);
+    ``errors`` from internal_errors(). Only reads: the ticker moves the state in time.
+    Blocks on the state lock: never call it from the event loop (the HTTP handlers run it
+    in a thread)."""
     now = time.time() if now is None else now
     with state.lock:
-        return diagnose(state, now, hint_after=config.no_task_events_hint_after)
+        return diagnose(state, now, hint_after=config.no_task_events_hint_after, internal_errors=errors)
 
 
 class Ticker:
@@ -117,7 +127,7 @@ class Exporter:
         return (True, "ok") if essential else (False, "no source enabled")
 
     def findings(self) -> list:
-        return diagnose_now(self.state, self.config)
+        return diagnose_now(self.state, self.config, errors=internal_errors(self.sources, self.collector))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

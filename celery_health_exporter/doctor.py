@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
     from . import logs
-    from .app import Ticker, build_state, diagnose_now
+    from .app import Ticker, build_state, diagnose_now, internal_errors
     from .broker import check_dependencies, make_app
     from .sources import build_sources
 
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         for source in sources:
             source.stop(1.0)
         ticker.stop()
-    findings = diagnose_now(state, config)
+    findings = diagnose_now(state, config, errors=internal_errors(sources))
     with state.lock:
         workers = sum(1 for w in state.workers.values() if w.up)
         events = sum(state.events_by_type.values())

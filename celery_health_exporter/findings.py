@@ -47,6 +47,7 @@ KIND_ALERT = {
     "periodic_task_failing": "CeleryPeriodicTaskFailing",
     "queue_source_down": "CeleryExporterSourceDown",
     "event_lag": "CeleryExporterEventLagHigh",
+    "internal_errors": "CeleryExporterInternalErrors",
 }
 
 
@@ -114,8 +115,11 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in numbers[:2])
 
 
-def diagnose(state, now: float, *, stall_after: float | None = None, hint_after: float = 60.0) -> list[Finding]:
-    """Every finding the state supports right now, worst first."""
+def diagnose(state, now: float, *, stall_after: float | None = None, hint_after: float = 60.0,
+             internal_errors: dict[str, int] | None = None) -> list[Finding]:
+    """Every finding the state supports right now, worst first. ``internal_errors``: the bugs
+    contained so far per source (celery_exporter_internal_errors_total), which the sources and
+    the metrics collector count outside the state."""
     found: list[Finding] = []
     found += _workers(state, now, hint_after)
     found += _tasks(state, now)
@@ -126,6 +130,7 @@ def diagnose(state, now: float, *, stall_after: float | None = None, hint_after:
     found += _beat(state, now)
     found += _hosts(state)
     found += _exporter(state)
+    found += _internal_errors(internal_errors or {})
     found.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.kind, f.subject))
     return found
 
@@ -606,4 +611,35 @@ def _exporter(state) -> list[Finding]:
                 "Check the exporter's CPU (celery_exporter_* metrics) and the broker's load; see "
                 "docs/scaling.md.",
                 "celery_exporter_event_lag_seconds", ident="event_lag"))
+    return out
+
+
+# What one contained bug skipped, per source of celery_exporter_internal_errors_total (docs/runbooks.md,
+# CeleryExporterInternalErrors, says the same).
+SKIPPED = {
+    "events": "a Celery event (the task and worker counts, states and ages it would have changed) or a periodic "
+              "step of the events source",
+    "inspect": "a remote-control poll (active, prefetched and reserved tasks, pool and queue settings, the worker "
+               "hook's figures; on Redis the consumer counts)",
+    "rabbitmq": "a poll of the broker's queues (lengths, consumers, message rates: dropped until the next poll)",
+    "redis": "a poll of the broker's queues (lengths, unacked messages: dropped until the next poll)",
+    "host": "a scan of the host's processes (worker processes, their memory, orphans)",
+    "scrape": "a metrics area of a scrape (celery_exporter_scrape_collector_success{collector=...} is 0 for it)",
+}
+
+
+def _internal_errors(counts: dict[str, int]) -> list[Finding]:
+    over = _rule("internal_errors")["errors"]
+    out = []
+    for source, count in sorted(counts.items()):
+        if count <= over:
+            continue
+        out.append(_paging(
+            "internal_errors", source,
+            f"The exporter contained {count} bug(s) in its {source} source since it started.",
+            f"Each one skipped {SKIPPED.get(source, 'a read of this source')}: that data is missing, the rest "
+            "goes on. A bug of the exporter, not a failure of the broker.",
+            "Find the traceback in the exporter's log ('internal error while ...' or 'metrics area ... failed', "
+            "once per place) and report it with the exporter's version.",
+            "celery_exporter_internal_errors_total"))
     return out

@@ -484,6 +484,45 @@ histogram_quantile(${quantile},
                   "`> ${lag}` s",
         comment="The histogram exists from the exporter's start; no events at all is CeleryExporterNoEvents.",
     ),
+    "CeleryExporterSourceFlapping": Rule(
+        expr="""\
+increase(celery_exporter_source_failures_total[${window}]) > ${failures}
+and
+max_over_time(celery_exporter_source_up[${window}]) == 1
+""",
+        summary="Exporter source {{ $labels.source }} keeps failing",
+        description="Source {{ $labels.source }} of exporter {{ $labels.instance }} (job {{ $labels.job }}) failed "
+                    "{{ $value | humanize }} times in the last ${window:words}, and has failed in every "
+                    "${window:words} for ${for:words} while it worked in between: each failure leaves its data "
+                    "missing until the next success (gaps in its series, other alerts' for: restarting), too "
+                    "briefly for CeleryExporterSourceDown.",
+        threshold="`> ${failures}` failed reads in `[${window}]`, up at least once in it (not a continuous "
+                  "outage), for `${for}`",
+        comment="Not covered by CeleryExporterSourceDown, which needs celery_exporter_source_up == 0 at every\n"
+                "scrape for its for: a source that fails and recovers within minutes (a management API that\n"
+                "times out now and then, a link that drops) never stays down that long, and between scrapes may\n"
+                "never show 0 at all; celery_exporter_source_failures_total counts every failed read. The up\n"
+                "test (up at least once in the window) leaves a continuous outage to CeleryExporterSourceDown.\n"
+                "Not folded into CeleryExporterInternalErrors: failures are the broker's or the host's, internal\n"
+                "errors are bugs of the exporter. Both series exist for every configured source from the\n"
+                "exporter's start (0 included); the exporter down is CeleryExporterDown.",
+    ),
+    "CeleryExporterInternalErrors": Rule(
+        expr="""\
+sum by (cluster, namespace, job, instance, source) (
+  """ + _new_or_increase("exporter_internal_errors_total", 2) + """
+) > ${errors}
+""",
+        summary="Exporter {{ $labels.instance }} contained a bug in {{ $labels.source }}",
+        description="Exporter {{ $labels.instance }} (job {{ $labels.job }}) hit {{ $value | humanize }} internal "
+                    "errors in {{ $labels.source }} in the last ${window:words}: bugs of the exporter, not failures "
+                    "of the broker. Each skipped one event, one poll or (source \"scrape\") one metrics area, whose "
+                    "data is missing; the exporter's log has the traceback, once per place.",
+        threshold="`> ${errors}` internal errors per source in `[${window}]`",
+        comment="celery_exporter_internal_errors_total exists for every source (and \"scrape\") from the\n"
+                "exporter's start, at 0; a restarted exporter may count some before its first scrape: counted\n"
+                "whole when new in the window. The exporter down takes it: CeleryExporterDown.",
+    ),
 }
 
 HEADER = """\

@@ -172,6 +172,14 @@ ALERTS: tuple[Alert, ...] = (
           {"quantile": 0.99, "lag": 5, "window": "5m"},
           finding="event_lag: the same quantile above `lag` seconds over the exporter's lifetime (its "
                   "histogram is cumulative), from at least 20 events"),
+    Alert("CeleryExporterSourceFlapping", "celery-exporter", "warning", "30m",
+          {"failures": 0, "window": "10m"},
+          finding="none: the sources keep a lifetime count of failures, no history: one outage long ago "
+                  "and a poller failing every few minutes look the same"),
+    Alert("CeleryExporterInternalErrors", "celery-exporter", "warning", "1m",
+          {"errors": 0, "window": "30m"},
+          finding="internal_errors: more than `errors` per source since the exporter started (doctor: its "
+                  "own run)"),
 )
 
 BY_NAME: Mapping[str, Alert] = MappingProxyType({a.name: a for a in ALERTS})

@@ -43,6 +43,9 @@ CONTRACT_METRICS = {
     "celery_exporter_broker_reconnects_total",
     "celery_exporter_tracked_tasks",
     "celery_exporter_tracked_tasks_evicted_total",
+    # issue 15 - the exporter's own failures and bugs
+    "celery_exporter_source_failures_total",
+    "celery_exporter_internal_errors_total",
     # issue 3 - worker failures
     "celery_worker_start_time_seconds",
     "celery_worker_restarts_total",
@@ -163,6 +166,9 @@ REQUIRED_ALERTS = {
     "CeleryPeriodicTaskMissed",
     "CeleryBeatDuplicateSchedulers",
     "CeleryPeriodicTaskFailing",
+    # issue 15: a poller that keeps failing, and the exporter's own bugs
+    "CeleryExporterSourceFlapping",
+    "CeleryExporterInternalErrors",
 }
 RUNBOOK_BASE = "https://github.com/celery-health-exporter/celery-health-exporter/blob/main/docs/runbooks.md#"
 

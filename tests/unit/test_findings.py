@@ -163,3 +163,66 @@ def test_findings_are_worst_first(state):
     severities = [f.severity for f in diagnose(state, T0)]
     assert severities == sorted(severities, key=["critical", "warning", "info"].index)
     assert severities[0] == "critical" and severities[-1] == "info"
+
+
+def test_internal_errors_per_source_say_what_was_skipped(state):
+    found = [f for f in diagnose(state, T0, internal_errors={"events": 2, "inspect": 0, "scrape": 1})
+             if f.kind == "internal_errors"]
+    assert [(f.id, f.subject, f.alert) for f in found] == [
+        ("internal_errors:events", "events", "CeleryExporterInternalErrors"),
+        ("internal_errors:scrape", "scrape", "CeleryExporterInternalErrors")]
+    events, scrape = found
+    assert "contained 2 bug(s) in its events source" in events.summary
+    assert "a Celery event" in events.why and "traceback" in events.fix
+    assert "celery_exporter_scrape_collector_success" in scrape.why
+
+
+def test_every_source_says_what_its_bugs_skip():
+    import importlib
+    import pkgutil
+
+    from celery_health_exporter import sources
+    from celery_health_exporter.findings import SKIPPED
+    from celery_health_exporter.sources.base import Source
+
+    for module in pkgutil.iter_modules(sources.__path__):
+        importlib.import_module(f"{sources.__name__}.{module.name}")
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    names = {cls.name for cls in subclasses(Source) if cls.name != Source.name}  # QueuePoller: a base
+    assert len(names) >= 5
+    assert names | {"scrape"} == set(SKIPPED)
+
+
+def test_the_daemon_and_doctor_count_the_bugs_of_sources_and_metrics_areas(state, monkeypatch):
+    """The counts the findings get are the ones /metrics serves (a bug injected into a real source
+    and into a real metrics area)."""
+    from celery_health_exporter.app import diagnose_now, internal_errors
+    from celery_health_exporter.metrics import StateCollector, beat
+    from celery_health_exporter.sources.base import Source
+
+    source = Source()
+    with source.bugs_contained("a test step"):
+        raise KeyError("injected bug")
+
+    def broken(ctx):
+        raise RuntimeError("injected bug: beat area")
+        yield
+
+    monkeypatch.setattr(beat, "collect", broken)
+    collector = StateCollector(state, [source])
+    served = {labels[0]: value for definition, labels, value in collector.samples()
+              if definition.name == "exporter_internal_errors"}
+    assert internal_errors([source], collector) == served == {"source": 1, "scrape": 1}
+    assert internal_errors([source]) == {"source": 1}  # doctor: no scrapes
+
+    class Config:
+        no_task_events_hint_after = 60.0
+
+    found = diagnose_now(state, Config(), T0, errors=internal_errors([source], collector))
+    assert sorted(f.id for f in found if f.kind == "internal_errors") == ["internal_errors:scrape",
+                                                                          "internal_errors:source"]

@@ -324,6 +324,11 @@ def periodic_failures(n):
     return s, T0
 
 
+def internal(errors):
+    """``errors`` bugs contained by the events source (counted outside the state)."""
+    return fresh(), T0, {"events": errors, "inspect": 0, "scrape": 0}
+
+
 def _value(alert, key):
     return thresholds.alert(alert)[key]
 
@@ -370,6 +375,8 @@ EDGES = {
     # every event in the bucket just above the lag: the quantile lands inside it, above the lag
     "event_lag": lambda: (lagging(_value("CeleryExporterEventLagHigh", "lag") * 0.9),
                           lagging(_value("CeleryExporterEventLagHigh", "lag") * 1.5)),
+    "internal_errors": lambda: (internal(_value("CeleryExporterInternalErrors", "errors")),
+                                internal(_value("CeleryExporterInternalErrors", "errors") + 1)),
     "worker_stalled": None,  # the exporter's --stall-after, not a threshold of thresholds.py
     "beat_down": lambda: (beats(1), beats(0, down=1)),
     "periodic_task_missed": lambda: (missed(_value("CeleryPeriodicTaskMissed", "missed")),
@@ -382,8 +389,9 @@ EDGES = {
 
 
 def _of_kind(state_now, kind):
-    state, now = state_now
-    return [f for f in diagnose(state, now) if f.kind == kind and f.alert]
+    state, now, *errors = state_now  # and the internal errors per source, where given
+    return [f for f in diagnose(state, now, internal_errors=errors[0] if errors else None)
+            if f.kind == kind and f.alert]
 
 
 def test_every_paging_kind_has_an_edge_case():
@@ -410,6 +418,7 @@ MOVED = [
     ("event_lag", "CeleryExporterEventLagHigh", "lag", 30),
     ("recycle_storm", "CeleryWorkerChildRecycleStorm", "replacements", 20),
     ("queue_consumers_unknown", "CeleryQueueConsumersUnknown", "window", "1h"),
+    ("internal_errors", "CeleryExporterInternalErrors", "errors", 2),
 ]
 
 
