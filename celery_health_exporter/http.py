@@ -26,6 +26,24 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
+class SharedRenders:
+    """Scrapes that arrive while a render of the same format is under way get its result
+    instead of starting another: an HA pair of Prometheus servers scraping at the same
+    moment costs one render, and the CPU (and the GIL) a render would take twice stays
+    with event intake and the probes. The body is at most one render old."""
+
+    def __init__(self):
+        self._pending: dict[tuple, asyncio.Future] = {}
+
+    async def get(self, key: tuple, render) -> bytes:
+        future = self._pending.get(key)
+        if future is None:
+            future = self._pending[key] = asyncio.ensure_future(asyncio.to_thread(render))
+            future.add_done_callback(lambda done: self._pending.pop(key, None))
+        # shielded: a scraper that hangs up does not cancel the render the others wait for
+        return await asyncio.shield(future)
+
+
 async def metrics(request: web.Request) -> web.Response:
     exporter = request.app["exporter"]
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
@@ -41,7 +59,7 @@ async def metrics(request: web.Request) -> web.Response:
         # fraction of the default level's time (aiohttp's own compression uses 6).
         return gzip.compress(body, compresslevel=1, mtime=0) if gzipped else body
 
-    body = await asyncio.to_thread(render)
+    body = await request.app["renders"].get((openmetrics, gzipped), render)
     headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
     if gzipped:
         headers["Content-Encoding"] = "gzip"
@@ -142,6 +160,7 @@ def make_web_app(exporter) -> web.Application:
     else:
         app = web.Application()
     app["exporter"] = exporter
+    app["renders"] = SharedRenders()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

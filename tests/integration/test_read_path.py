@@ -62,6 +62,7 @@ def served():
     thread.start()
     assert started.wait(10)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    exporter.web_app = runner["runner"].app
     yield exporter, base, thread.ident
     asyncio.run_coroutine_threadsafe(runner["runner"].cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
@@ -96,3 +97,39 @@ def test_probes_answer_while_the_state_lock_is_held(served):
     for reader in readers:
         reader.join(30)
     assert answers == {"/metrics": 200, "/": 200, "/api/findings": 200}
+
+
+def test_scrapes_that_arrive_during_a_render_share_it(served):
+    exporter, base, _ = served
+    renders, asked = [], []
+    release = threading.Event()
+    render = exporter.collector.render
+
+    def slow_render(*args, **kwargs):
+        renders.append(1)
+        release.wait(30)  # a big cluster's render, still under way when the other scrapes come
+        return render(*args, **kwargs)
+
+    exporter.collector.render = slow_render
+    shared = exporter.web_app["renders"]
+    get = shared.get
+
+    async def counted_get(key, fn):
+        asked.append(key)
+        return await get(key, fn)
+
+    shared.get = counted_get
+    bodies = []
+    scrapers = [threading.Thread(target=lambda: bodies.append(http_get(base + "/metrics", timeout=30)))
+                for _ in range(3)]
+    for scraper in scrapers:
+        scraper.start()
+    wait_for(lambda: len(asked) == 3 and renders, 10, message="three scrapes asked, one render under way")
+    release.set()
+    for scraper in scrapers:
+        scraper.join(30)
+    assert len(renders) == 1
+    assert [status for status, _ in bodies] == [200, 200, 200]
+    assert bodies[0][1] == bodies[1][1] == bodies[2][1] and "celery_exporter_scrape_collector_success" in bodies[0][1]
+    http_get(base + "/metrics", timeout=30)
+    assert len(renders) == 2  # a scrape after it renders anew
