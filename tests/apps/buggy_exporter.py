@@ -4,8 +4,10 @@
   ``boom-`` raises (as a bug in the state model would);
 - a metrics area: the beat area's collect raises at every scrape;
 - a poller: applying the remote-control ``stats`` replies raises at every poll.
-Everything else is the production code, started by its own ``main``.
+Everything else is the production code, started by its own ``main``. BUGGY_EXPORTER_BUGS
+injects only some (comma-separated: events, area, stats; all by default).
 """
+import os
 import sys
 
 from celery_health_exporter import cli
@@ -30,9 +32,13 @@ def _buggy_stats(self, hostname, stats, now):
     raise RuntimeError("injected bug: stats reply")
 
 
-ClusterState._on_task_succeeded = _buggy_succeeded
-beat.collect = _buggy_collect
-ClusterState.apply_stats = _buggy_stats
+BUGS = os.environ.get("BUGGY_EXPORTER_BUGS", "events,area,stats").split(",")
+if "events" in BUGS:
+    ClusterState._on_task_succeeded = _buggy_succeeded
+if "area" in BUGS:
+    beat.collect = _buggy_collect
+if "stats" in BUGS:
+    ClusterState.apply_stats = _buggy_stats
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

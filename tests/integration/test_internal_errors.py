@@ -2,6 +2,7 @@
 in its events source, a poller and a metrics area, on both real brokers with a real
 worker. Each bug is counted, logged once with its traceback, and everything else goes
 on: no reconnect, the source stays up, the other tasks and areas are served."""
+import json
 import sys
 import uuid
 
@@ -49,8 +50,14 @@ def test_a_bug_is_counted_logged_once_and_skipped_while_everything_else_goes_on(
     assert m.value("celery_exporter_scrape_collector_success", collector="workers") == 1
     assert m.value("celery_exporter_internal_errors_total", source="scrape") >= 2
     assert m.value("celery_exporter_source_poll_duration_seconds", source="inspect") > 0
-    # the status page and the findings still answer
-    assert exporter.get("/")[0] == 200 and exporter.get("/api/findings")[0] == 200
+    # the status page and the findings still answer, and say which sources contained bugs
+    assert exporter.get("/")[0] == 200
+    status, body = exporter.get("/api/findings")
+    assert status == 200
+    found = {f["id"]: f for f in json.loads(body)["findings"] if f["kind"] == "internal_errors"}
+    assert set(found) == {"internal_errors:events", "internal_errors:inspect", "internal_errors:scrape"}
+    assert {f["alert"] for f in found.values()} == {"CeleryExporterInternalErrors"}
+    assert "contained 3 bug(s) in its events source" in found["internal_errors:events"]["summary"]
 
     log = exporter.log()
     for bug in ("injected bug: task-succeeded", "injected bug: beat area", "injected bug: stats reply"):

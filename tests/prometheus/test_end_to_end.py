@@ -17,8 +17,10 @@ One scenario per module (about 90 s), shared by the tests below:
    whose pool children outlive it, a restart loop, a recycle storm below max_memory_per_child,
    a queue fed with no consumer, failing tasks, an unpicklable exception, expired tasks filling
    a small revoked set, publishes retried against a cut broker link (and a kombu that ignores the
-   retry policy), an exporter frozen for ten seconds and then cut from the broker. The scenario
-   ends when every alert of Scenario.expected (all 28) has fired with the labels of the worker,
+   retry policy), an exporter that contains a bug of its own (the aux exporter is the real daemon
+   with one injected bug, tests/apps/buggy_exporter.py: a task-succeeded of a task whose id starts
+   with boom- raises), loses its broker link for a moment, is frozen for ten seconds and then cut
+   from the broker. The scenario ends when every alert of Scenario.expected (all 30) has fired with the labels of the worker,
    queue, task or publisher concerned, as /api/v1/alerts reports it (a monitor thread
    polls it twice a second), or after INDUCE_TIMEOUT.
 
@@ -32,6 +34,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -91,6 +94,9 @@ NOT_PRODUCED = {
 }
 
 # Queues of the scenario
+# The aux exporter: the real daemon with one bug injected, which only a task id starting with boom- triggers.
+BUGGY_EXPORTER = (sys.executable, "tests/apps/buggy_exporter.py")
+
 Q_OK, Q_HUNG, Q_FAIL, Q_EXP, Q_ORPH, Q_MEM, Q_LOOP, Q_NOBODY, Q_CRASH = (
     "ok", "hung", "failq", "expq", "orphq", "memq", "loopq", "nobody", "crashq")
 
@@ -275,7 +281,8 @@ def _setup(workdir: Path, broker, prometheus_factory, cleanup: list) -> Scenario
         log_path=workdir / "exporter-main.log")
     cleanup.append(lambda: _stop_exporter(main))
     aux = ExporterProcess(_through(aux_proxy, broker.url), "--inspect-interval", "0", "--queues", Q_NOBODY,
-                          "--worker-timeout", "3", log_path=workdir / "exporter-aux.log")
+                          "--worker-timeout", "3", log_path=workdir / "exporter-aux.log", command=BUGGY_EXPORTER,
+                          env={"BUGGY_EXPORTER_BUGS": "events"})
     cleanup.append(lambda: _stop_exporter(aux))
     rules = override_rules(ALERTS_FILE, workdir, for_duration=FOR, exprs=expr_overrides())
     prom = prometheus_factory(PrometheusConfig(
@@ -413,6 +420,8 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         "CeleryPublishRetryPolicyExceeded": {"publisher": PUBLISHER},
         "CeleryExporterEventLagHigh": {"instance": aux_i},
         "CeleryExporterSourceDown": {"instance": aux_i, "source": "events"},
+        "CeleryExporterSourceFlapping": {"instance": aux_i, "source": "events"},
+        "CeleryExporterInternalErrors": {"instance": aux_i, "source": "events"},
         "CeleryExporterNoEvents": {"instance": aux_i},
         "CeleryExporterDown": {"instance": aux_i},
         "CeleryQueueConsumersUnknown": {"queue_name": Q_NOBODY, "instance": aux_i},
@@ -565,6 +574,19 @@ def _induce_failures(s: Scenario, cleanup: list) -> None:
         s.note("beat-2 SIGKILLed")
 
     def exporter_frozen_then_cut():
+        app.send_task("tests.add", (1, 1), queue=Q_OK, task_id=f"boom-{uuid.uuid4()}")  # aux: a bug, contained
+        _poll(lambda: _metric(s.aux, "celery_exporter_internal_errors_total", source="events") == 1, 20,
+              what="the aux exporter's bug counted")
+        # a flap: the link drops and comes back (with every for: at FOR, any failure of a source that
+        # was up in the window fires CeleryExporterSourceFlapping; the promtool cases tell a flap from
+        # an outage)
+        s.proxies[0].cut()
+        _poll(lambda: _metric(s.aux, "celery_exporter_source_failures_total", source="events") >= 1, 20,
+              what="the aux exporter's events source failed")
+        s.proxies[0].restore()
+        _poll(lambda: _metric(s.aux, "celery_exporter_source_up", source="events") == 1, 30,
+              what="the aux exporter's events source back")
+        s.note("aux flapped")
         os.kill(s.aux.proc.pid, signal.SIGSTOP)  # a frozen exporter (CPU throttled, swapped out...)
         time.sleep(10)
         os.kill(s.aux.proc.pid, signal.SIGCONT)
