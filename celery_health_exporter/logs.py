@@ -60,6 +60,8 @@ _HINTS = (
      "the broker's certificate is not signed by the CA given (ssl_ca_certs / ca_certs)"),
     (("CERTIFICATE_REQUIRED", "certificate required", "EOF occurred in violation of protocol"),
      "the broker asks for a client certificate: set ssl_certfile and ssl_keyfile (certfile, keyfile on amqps)"),
+    (("no permissions to", "NOPERM"),
+     "the Redis ACL user lacks it: docs/brokers.md lists what the exporter needs"),
     (("wrong version number", "WRONG_VERSION_NUMBER"),
      "TLS spoken to a plain-text port, or plain text to a TLS port: check the scheme and port"),
 )

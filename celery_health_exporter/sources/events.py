@@ -270,12 +270,23 @@ class EventsSource(Source):
         reader = RedisReader(sock, self.ingest, lambda: self.stopping, self.config.event_backlog_max_bytes)
         reader.start()
         try:
-            self._started(connection, backoff)
             parser = PubSubParser()
             last_ping = time.monotonic()
+            subscribed = False
             while not self.stopping:
-                for payload in parser.feed(reader.take(DRAIN_TIMEOUT)):  # also b"": a parse error left raises
+                data = reader.take(DRAIN_TIMEOUT)
+                for payload in parser.feed(data):  # also b"": a parse error left raises
                     self._apply_redis_payload(payload)
+                if not subscribed:
+                    # Up only once Redis answered the PSUBSCRIBE without an error (the first bytes on
+                    # this connection; an ACL user without the command or the channel gets NOPERM):
+                    # otherwise up, then down again, at every retry.
+                    if not data:
+                        if time.monotonic() - reader.last_data > REDIS_SILENCE_LIMIT:
+                            raise ConnectionError(f"no reply to PSUBSCRIBE for {REDIS_SILENCE_LIMIT:.0f}s")
+                        continue
+                    subscribed = True
+                    self._started(connection, backoff)
                 now = time.monotonic()
                 if now - last_ping > REDIS_PING_INTERVAL:
                     last_ping = now

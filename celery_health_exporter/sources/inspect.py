@@ -21,6 +21,10 @@ from ..logs import describe_error
 from .base import Backoff, Source, is_outage
 
 COMMANDS = ("stats", "active_queues", "conf", "active", "reserved")
+# Redis: while kombu waits for the replies it also "restores" the workers' unacked messages
+# older than the visibility timeout, pushing them back into their task queues. Not a
+# monitor's business (and a write that a read-mostly ACL user must not need): none here.
+MONITOR_ONLY = {"unacked_restore_limit": 0}
 # A poll's view of who consumes what holds until this many polls were missed.
 POLLS_VALID = 3
 
@@ -47,7 +51,8 @@ class InspectSource(Source):
         backoff = Backoff(first=self.config.inspect_interval, ceiling=max(60.0, self.config.inspect_interval))
         while not self.stopping:
             try:
-                with self.app.connection_for_read(heartbeat=0, connect_timeout=5) as connection:
+                with self.app.connection_for_read(heartbeat=0, connect_timeout=5,
+                                                  transport_options=MONITOR_ONLY) as connection:
                     while not self.stopping:
                         started = time.monotonic()
                         with self.bugs_contained("polling remote control"):

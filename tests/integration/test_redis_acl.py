@@ -1,0 +1,102 @@
+"""A Redis ACL user allowed only what the exporter uses (the list of docs/brokers.md, derived from
+the code and from MONITOR): on a redis-server of the test's own, with a real worker, everything
+works and Redis's ACL LOG stays empty; without one command, the exporter names it in one log line
+and on the status page or /readyz.
+"""
+import html
+
+import pytest
+
+from tests.apps.testapp import client
+from tests.harness import HOST, wait_for
+from tests.redis_servers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+DB = 3
+FAST = ("--broker-poll-interval", "1", "--inspect-interval", "1", "--queues", "acl-hole")
+
+
+def exporter_acl(db: int = DB, prefix: str = "") -> list[str]:
+    """The exporter's ACL rules, as docs/brokers.md gives them (kombu 5.7, redis-py 8)."""
+    return [
+        "resetkeys", "resetchannels", "-@all",
+        # connecting: redis-py's handshake, kombu's PING when it opens a channel
+        "+hello", "+auth", "+select", "+ping",
+        # queue poller: bindings, lengths, unacked (read only)
+        "+scan", "+smembers", "+llen", "+hlen", "+hscan", "+hmget", "+zscore", "+zrange",
+        # events: kombu declares the exporter's binding (SADD and a Lua script that refreshes its
+        # deadline), then the subscription; the binding and its keys are deleted at exit
+        "+sadd", "+srem", "+del", "+multi", "+exec", "+evalsha", "+eval", "+script|load", "+script|exists",
+        "+time", "+zadd", "+zrem", "+zrangebyscore", "+exists",
+        "+psubscribe", "+punsubscribe",
+        # remote control: publish on the pidbox exchange, replies popped from a queue of our own,
+        # kombu's unacked_mutex (SET NX, released by a Lua GET + DEL)
+        "+publish", "+brpop", "+set", "+get",
+        f"%R~{prefix}*",
+        f"~{prefix}_kombu.binding*", f"~{prefix}celeryev.celery-health-exporter.*",
+        f"~{prefix}*.reply.celery.pidbox*", f"~{prefix}unacked_mutex",
+        f"&{prefix}/{db}.celeryev/*", f"&{prefix}/{db}.celery.pidbox*",
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = RedisServer(tmp_path_factory.mktemp("redis-acl"), []).start()
+    yield s
+    s.stop()
+
+
+def add_user(server, name: str, password: str, *, without: str = "") -> str:
+    rules = [r for r in exporter_acl() if r != f"+{without}"]
+    with server.client() as admin:
+        admin.acl_deluser(name)
+        admin.execute_command("ACL", "SETUSER", name, "on", f">{password}", *rules)
+    return f"redis://{name}:{password}@127.0.0.1:{server.port}/{DB}"
+
+
+def test_an_acl_user_with_only_the_documented_commands_is_enough(server, make_exporter, make_worker):
+    admin = server.client()
+    admin.acl_log_reset()
+    worker_url = f"redis://127.0.0.1:{server.port}/{DB}"  # the workers keep their full user
+    make_worker(worker_url, "acl", queues="celery")
+    password = "acl-exporter-pw"
+    exporter = make_exporter(add_user(server, "exporter", password), *FAST)
+    publisher = client(worker_url)
+    for i in range(3):
+        publisher.send_task("tests.add", args=(i, i))
+        publisher.send_task("tests.add", args=(i, i), queue="acl-hole")
+
+    def works():
+        m = exporter.scrape()
+        return (m.value("celery_task_succeeded_total", name="tests.add", hostname=f"acl@{HOST}",
+                        queue_name="celery") == 3
+                and m.value("celery_queue_length", queue_name="acl-hole") == 3
+                and m.value("celery_active_consumer_count", queue_name="celery") == 1
+                and {labels["source"]: v for labels, v in m.find("celery_exporter_source_up")} == {
+                    "events": 1, "inspect": 1, "redis": 1})
+
+    wait_for(works, 40, message="events, queue polls and remote control with the ACL user")
+    # Redis logs every command or key an ACL user was refused: none.
+    assert admin.acl_log() == [], admin.acl_log()
+    assert "NOPERM" not in exporter.log() and password not in exporter.log()
+
+
+@pytest.mark.parametrize("without, where", [("scan", "/"), ("psubscribe", "/readyz")])
+def test_a_missing_command_is_named(server, make_exporter, without, where):
+    exporter = make_exporter(add_user(server, f"no-{without}", "pw-" + without, without=without), *FAST,
+                             wait=False)
+
+    def named():
+        page = html.unescape(exporter.get(where)[1])
+        return page if f"'{without}'" in page and "no permissions" in page else None
+
+    page = wait_for(named, 30, message=f"the missing {without} named on {where}")
+    if where == "/readyz":
+        assert exporter.get("/readyz")[0] == 503
+        assert len(page.strip().splitlines()) == 1, page
+    # one line per source that needs the command, however many retries
+    wait_for(lambda: exporter.get("/readyz")[1] != "starting", 10, message="a first attempt")
+    lines = [line for line in exporter.log().splitlines() if f"'{without}'" in line]
+    assert len(lines) == 1 and ": down: " in lines[0] and "docs/brokers.md" in lines[0], exporter.log()
+    assert "Traceback" not in exporter.log()
