@@ -26,7 +26,7 @@ prefetched count never goes below 0. Flower keeps a series until the process end
 here a ``worker`` value silent for ``purge_after`` seconds (--purge-offline-after)
 loses its series, unless the model still holds the worker.
 
-Fed through ``ClusterState.register_handler``: each of Celery's task and worker
+Fed through ``ClusterState.follow``: each of Celery's task and worker
 event types goes first to the model's handler, then here, with the same event,
 ``now`` and corrected timestamp ``ts`` (held events too, when the model releases
 them). Time moves it in ``expire(now)``, run once a second with ``ClusterState.tick``. Bounded: label values are capped like ours (worker node names
@@ -108,20 +108,9 @@ class FlowerState:
         # Flower's worker label of task-sent: gen<pid>@host, a value per publishing process.
         self.publisher_cap = LabelCap("flower_publisher", cluster.cardinality.publisher.limit)
         for kind in TASK_EVENTS:
-            self._follow(kind, self.on_task)
+            cluster.follow(kind, self.on_task)
         for kind in WORKER_EVENTS:
-            self._follow(kind, self.on_worker)
-
-    def _follow(self, kind: str, handler) -> None:
-        """Take ``kind`` after the model's own handler (register_handler replaces it)."""
-        model = self.cluster._handlers.get(kind)  # noqa: SLF001 - the model's handler, kept first
-
-        def both(event: dict, now: float, ts: float) -> None:
-            if model is not None:
-                model(event, now, ts)  # raises MalformedEvent for an event it refuses: not counted here either
-            handler(event, now, ts)
-
-        self.cluster.register_handler(kind, both)
+            cluster.follow(kind, self.on_worker)
 
     # ------------------------------------------------------------------ input
     def _series(self, hostname: str, now: float, publisher: bool) -> LabelSeries:

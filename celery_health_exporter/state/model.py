@@ -160,6 +160,19 @@ class ClusterState(WorkerEvents, TaskTable, RemoteControlData):
         own (e.g. the publisher hook's custom event). ``handler(event, now, ts)``."""
         self._handlers[event_type] = handler
 
+    def follow(self, event_type: str, listener) -> None:
+        """Call ``listener(event, now, ts)`` after the model's own handler of ``event_type``
+        (a follower with bookkeeping of its own, e.g. Flower's); an event the model refuses
+        as malformed reaches no follower, and held events reach them when released."""
+        own = self._handlers.get(event_type)
+
+        def both(event: dict, now: float, ts: float) -> None:
+            if own is not None:
+                own(event, now, ts)
+            listener(event, now, ts)
+
+        self._handlers[event_type] = both
+
     def apply(self, event, now: float) -> None:
         """Apply one decoded event. Malformed events are counted, never raised."""
         try:
