@@ -198,10 +198,12 @@ class SentinelGroup:
     master_name: str
     redis_servers: list[RedisServer]
     sentinels: list[RedisServer]
+    password: str = ""  # of the master and the replica (the Sentinels have none)
 
     @property
     def url(self) -> str:
-        return ";".join(f"sentinel://127.0.0.1:{s.port}" for s in self.sentinels)
+        auth = f":{self.password}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}127.0.0.1:{s.port}" for s in self.sentinels)
 
     def master_port(self) -> int:
         """The master the Sentinels agree on now (the first one that answers)."""
@@ -223,9 +225,12 @@ class SentinelGroup:
 
 
 def sentinel_group(directory: Path, master_name: str = "celerymaster", *, down_after_ms: int = 1000,
-                   failover_timeout_ms: int = 5000) -> SentinelGroup:
-    master = RedisServer(directory / "master", []).start()
-    replica = RedisServer(directory / "replica", [f"replicaof 127.0.0.1 {master.port}"]).start()
+                   failover_timeout_ms: int = 5000, password: str = "") -> SentinelGroup:
+    auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
+    options = {"password": password} if password else {}
+    master = RedisServer(directory / "master", auth, client_options=options).start()
+    replica = RedisServer(directory / "replica", [*auth, f"replicaof 127.0.0.1 {master.port}"],
+                          client_options=options).start()
     wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 20,
              message="the replica in sync")
     sentinels = []
@@ -235,8 +240,9 @@ def sentinel_group(directory: Path, master_name: str = "celerymaster", *, down_a
             f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
             f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
             f"sentinel parallel-syncs {master_name} 1",
+            *([f"sentinel auth-pass {master_name} {password}"] if password else []),
         ], sentinel=True).start())
-    group = SentinelGroup(master_name, [master, replica], sentinels)
+    group = SentinelGroup(master_name, [master, replica], sentinels, password)
 
     def agreed() -> bool:
         for sentinel in sentinels:

@@ -1,6 +1,6 @@
 """Redis Sentinel: a master, a replica and three Sentinels (quorum 2) started by the test, a real
 worker, a publisher and the exporter all configured through ``sentinel://...;sentinel://...`` with
-the ``master_name`` transport option. The master is killed while tasks flow: the exporter follows
+the ``master_name`` transport option, and a password (which must never show). The master is killed while tasks flow: the exporter follows
 the new master for events, queue polls and remote control, shows the outage while it lasts, and
 afterwards counts every task again. What pub/sub lost meanwhile is measured and printed (the figure
 in docs/brokers.md comes from these runs).
@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.redis_servers import sentinel_group
 pytestmark = pytest.mark.integration
 
 MASTER = "celerymaster"
+PASSWORD = f"sentinel-pw-{uuid.uuid4().hex}"
 OPTIONS = {"master_name": MASTER}
 FAST = ("--broker-poll-interval", "1", "--inspect-interval", "1", "--worker-timeout", "20", "--task-sent-grace", "1",
         "--broker-transport-option", f"master_name={MASTER}")
@@ -26,7 +28,7 @@ FAST = ("--broker-poll-interval", "1", "--inspect-interval", "1", "--worker-time
 
 @pytest.fixture
 def group(tmp_path):
-    g = sentinel_group(tmp_path / "sentinel", MASTER)
+    g = sentinel_group(tmp_path / "sentinel", MASTER, password=PASSWORD)
     yield g
     g.stop()
 
@@ -154,3 +156,9 @@ def test_the_exporter_follows_a_sentinel_failover_and_the_pubsub_loss_is_measure
     log = exporter.log()
     assert "Traceback" not in log, log
     assert log.count("events: down") == 1, log
+    # the password of every Sentinel URL, through an outage too, is nowhere
+    pages = {path: exporter.get(path)[1] for path in ("/", "/api/findings", "/metrics", "/readyz")}
+    pages["log"] = log
+    assert pages["/"].count(":***@127.0.0.1") == 3, pages["/"]
+    for where, text in pages.items():
+        assert PASSWORD not in text, f"the Redis password leaked into {where}"
