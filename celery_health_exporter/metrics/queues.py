@@ -47,6 +47,11 @@ REDELIVERED = counter("queue_messages_redelivered", "Messages delivered again af
                       "(RabbitMQ message_stats.redeliver).", Q, source=RABBITMQ)
 ACKED = counter("queue_messages_acked", "Messages acknowledged by consumers (RabbitMQ message_stats.ack).", Q,
                 source=RABBITMQ)
+DELIVERY_LIMIT = gauge("queue_delivery_limit", "RabbitMQ quorum queue: deliveries of a message after which the "
+                       "broker drops or dead-letters it (x-delivery-limit argument or delivery-limit policy, the "
+                       "lower). A task whose worker keeps dying while running it (acks_late) is lost there without "
+                       "a Celery event; compare with celery_queue_messages_redelivered_total. Absent for classic "
+                       "queues and where no limit is set (RabbitMQ 4.x then applies 20).", Q, source=RABBITMQ)
 OLDEST_UNSTARTED = gauge("queue_oldest_unstarted_task_age_seconds", "Age of the oldest task sent or received but "
                          "not started, from events (from its ETA for ETA tasks; absent when none waits).", Q)
 BROKER_UP = gauge("broker_up", "1 when the last poll of the broker's queues succeeded; 0 while it fails (the queue "
@@ -55,7 +60,7 @@ CONNECTIONS = gauge("broker_connections", "Client connections to the broker's vh
                     "churn shows reconnect storms.", source=RABBITMQ)
 
 DEFINITIONS = (LENGTH, LENGTH_BY_PRIORITY, UNACKED, OLDEST_UNACKED_AGE, VISIBILITY_TIMEOUT, UNACKED_SAMPLED,
-               CONSUMERS, ACTIVE_WORKERS, ACTIVE_PROCESSES, CONSUMERS_KNOWN, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, OLDEST_UNSTARTED, BROKER_UP,
+               CONSUMERS, ACTIVE_WORKERS, ACTIVE_PROCESSES, CONSUMERS_KNOWN, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, DELIVERY_LIMIT, OLDEST_UNSTARTED, BROKER_UP,
                CONNECTIONS)
 
 _COUNTERS = ((PUBLISHED, "published"), (DELIVERED, "delivered"), (REDELIVERED, "redelivered"), (ACKED, "acked"))
@@ -104,6 +109,8 @@ def collect(ctx):
             value = getattr(stats, attribute)
             if value is not None:
                 yield definition, labels, value
+        if stats.delivery_limit is not None:
+            yield DELIVERY_LIMIT, labels, stats.delivery_limit
 
 
 def _active_workers(state, broker, now):

@@ -22,6 +22,7 @@ from .rabbitmq_api import MONITORING_TAGS, ManagementAPI, management_access
 COLUMNS = ",".join((
     "name", "messages_ready", "messages_unacknowledged", "consumers", "consumer_utilisation",
     "message_stats.publish", "message_stats.deliver_get", "message_stats.redeliver", "message_stats.ack",
+    "type", "arguments", "effective_policy_definition",  # a quorum queue's delivery limit
 ))
 MISSING_WITHOUT_API = (
     "no --rabbitmq-management-url: queue lengths and consumer counts come from AMQP passive declares of the "
@@ -58,7 +59,27 @@ def queue_stats(item: dict, report: Report = ignore) -> QueueStats | None:
         delivered=counted(stats.get("deliver_get")),
         redelivered=counted(stats.get("redeliver")),
         acked=counted(stats.get("ack")),
+        delivery_limit=delivery_limit(item, report),
     )
+
+
+def delivery_limit(item: dict, report: Report = ignore) -> int | None:
+    """A quorum queue's limit: its ``x-delivery-limit`` argument or its policy's
+    ``delivery-limit``, the lower where both are set (as RabbitMQ applies them).
+    None for other queue types, without a limit, or for a negative one (4.x: unlimited)."""
+    if item.get("type") != "quorum":
+        return None
+    limits = []
+    for holder, key in (("arguments", "x-delivery-limit"), ("effective_policy_definition", "delivery-limit")):
+        values = item.get(holder)
+        if isinstance(values, dict) and values.get(key) is not None:
+            value = values[key]
+            if isinstance(value, int | float) and value < 0:
+                continue
+            limit = count(value, report)
+            if limit is not None:
+                limits.append(limit)
+    return min(limits) if limits else None
 
 
 class RabbitMQSource(QueuePoller):

@@ -30,6 +30,7 @@ class QueueStats:
     delivered: int | None = None
     redelivered: int | None = None
     acked: int | None = None
+    delivery_limit: int | None = None  # RabbitMQ quorum queue: deliveries before a message is dropped/dead-lettered
     by_priority: dict[str, int] | None = None  # priority step -> ready messages (Redis)
     oldest_unacked_at: float | None = None  # unix time of the oldest delivery not yet acked (Redis)
 

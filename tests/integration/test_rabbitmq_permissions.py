@@ -31,12 +31,14 @@ READ = rf"^({OWN_QUEUE}|celeryev|reply\.celery\.pidbox|{REPLY_QUEUE})$"
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     node = start_node(tmp_path_factory)
-    node.add_vhost(VHOST)
-    node.add_user("app", "app-pw")  # the workers and publishers: everything on the vhost
-    node.set_permissions(VHOST, "app", ".*", ".*", ".*")
-    node.app_url = node.amqp_url("app", "app-pw", VHOST)
-    yield node
-    node.stop()
+    try:  # set up and stopped whatever fails: a node left running would outlive the tests
+        node.add_vhost(VHOST)
+        node.add_user("app", "app-pw")  # the workers and publishers: everything on the vhost
+        node.set_permissions(VHOST, "app", ".*", ".*", ".*")
+        node.app_url = node.amqp_url("app", "app-pw", VHOST)
+        yield node
+    finally:
+        node.stop()
 
 
 def exporter_user(node, name: str, *, tags: str = "monitoring", configure=CONFIGURE, write=WRITE,

@@ -24,13 +24,18 @@ FAST = ("--broker-poll-interval", "1", "--inspect-interval", "1", "--worker-time
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     node = start_node(tmp_path_factory)
-    node.add_vhost(VHOST)
-    node.user, node.password = "app", f"app-pw-{uuid.uuid4().hex}"
-    node.add_user(node.user, node.password, tags="monitoring")
-    node.set_permissions(VHOST, node.user, ".*", ".*", ".*")
-    node.url = node.amqp_url(node.user, node.password, VHOST)
-    yield node
-    node.stop()
+    try:  # set up and stopped whatever fails: a node left running would outlive the tests
+        node.add_vhost(VHOST)
+        node.user, node.password = "app", f"app-pw-{uuid.uuid4().hex}"
+        node.add_user(node.user, node.password, tags="monitoring")
+        node.set_permissions(VHOST, node.user, ".*", ".*", ".*")
+        node.url = node.amqp_url(node.user, node.password, VHOST)
+        # a delivery limit by policy on "work"; "hole" has none
+        node.api("PUT", f"/api/policies/{urllib.parse.quote(VHOST, safe='')}/work-limit",
+                 {"pattern": "^work$", "definition": {"delivery-limit": 5}, "apply-to": "queues"})
+        yield node
+    finally:
+        node.stop()
 
 
 def queue_names(m) -> set[str]:
@@ -57,7 +62,8 @@ def test_quorum_queues_on_a_vhost_length_unacked_consumers_and_black_holes(node,
                      and m.value("celery_queue_length", queue_name="hole") == 2
                      and m.value("celery_queue_unacked", queue_name="work") == 1
                      and m.value("celery_active_consumer_count", queue_name="work") == 1
-                     and m.value("celery_queue_messages_published_total", queue_name="hole") == 2) else None
+                     and m.value("celery_queue_messages_published_total", queue_name="hole") == 2
+                     and m.value("celery_queue_delivery_limit", queue_name="work") == 5) else None
 
     m = wait_for(settled, 60, 0.5, message="quorum queue figures on /prod")
     types = {q["name"]: q.get("type") for q in node.queues(VHOST)}
@@ -65,6 +71,7 @@ def test_quorum_queues_on_a_vhost_length_unacked_consumers_and_black_holes(node,
     assert m.value("celery_active_consumer_count", queue_name="hole") == 0  # the black hole
     assert m.value("celery_queue_unacked", queue_name="hole") == 0
     assert m.value("celery_queue_length", queue_name="work") == 0
+    assert m.value("celery_queue_delivery_limit", queue_name="hole") is None  # no limit set: absent, not 0
     # Celery's native delayed delivery (declared with quorum queues): 28 quorum queues that no one
     # consumes by design; they are plumbing, never black holes
     delayed = [name for name in types if name.startswith("celery_delayed_")]

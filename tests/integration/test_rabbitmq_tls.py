@@ -28,14 +28,16 @@ APP = "tests.apps.rabbitapp"
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     node = start_node(tmp_path_factory)
-    node.user, node.password = "app", f"app-pw-{uuid.uuid4().hex}"
-    node.add_user(node.user, node.password)
-    node.set_permissions("/", node.user, ".*", ".*", ".*")
-    node.monitor, node.monitor_password = "monitor", f"mon-pw-{uuid.uuid4().hex}"
-    node.add_user(node.monitor, node.monitor_password, tags="monitoring")
-    node.set_permissions("/", node.monitor, "", "", "")  # the API reads with the tag alone
-    yield node
-    node.stop()
+    try:  # set up and stopped whatever fails: a node left running would outlive the tests
+        node.user, node.password = "app", f"app-pw-{uuid.uuid4().hex}"
+        node.add_user(node.user, node.password)
+        node.set_permissions("/", node.user, ".*", ".*", ".*")
+        node.monitor, node.monitor_password = "monitor", f"mon-pw-{uuid.uuid4().hex}"
+        node.add_user(node.monitor, node.monitor_password, tags="monitoring")
+        node.set_permissions("/", node.monitor, "", "", "")  # the API reads with the tag alone
+        yield node
+    finally:
+        node.stop()
 
 
 def worker_tls(node) -> dict:
