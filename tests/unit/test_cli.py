@@ -102,3 +102,12 @@ def test_masking_hides_passwords_in_every_failover_url():
     masked = mask_url("amqp://a:p1@h1//;amqp://b:p2@h2//")
     assert "p1" not in masked and "p2" not in masked and masked.count("***") == 2
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+def test_secrets_of_amqps_and_https_management_urls_are_known_in_both_spellings():
+    """What the log formatter masks (logs.redact): the passwords of an amqps:// broker URL and of
+    a management URL with its own credentials, as written (percent-encoded) and decoded."""
+    config = config_from_args(["--broker-url", "amqps://app:b%40pw@rabbit:5671/%2Fprod",
+                               "--rabbitmq-management-url", "https://mon:m%2Fpw@rabbit:15671"], {})
+    assert {"b%40pw", "b@pw", "m%2Fpw", "m/pw"} <= set(config.secrets())
+    assert config.masked_broker_url == "amqps://app:***@rabbit:5671/%2Fprod"
