@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_health_exporter.sources.amqp_wire import READ_CHUNK, FrameReader
+from celery_health_exporter.sources.base import is_outage
 from celery_health_exporter.sources.redis_wire import READ_CHUNK as REDIS_READ_CHUNK
 from celery_health_exporter.sources.redis_wire import (FEED_SLICE, MALFORMED_ENVELOPE, TAKE_LIMIT, PubSubParser,
                                                       RedisReader, unwrap)
@@ -369,6 +370,14 @@ def test_protocol_errors_are_clear_never_a_misparse(garbage):
         parser.feed(b"")
 
 
+@pytest.mark.parametrize("data", [b"-ERR x\r\n", b"hello\r\n", b"!3\r\nERR\r\n"])
+def test_what_the_parser_raises_makes_the_source_reconnect(data):
+    """An outage of the events source (reconnect), not a bug counted and skipped."""
+    with pytest.raises(ConnectionError) as raised:
+        PubSubParser().feed(data)
+    assert is_outage(raised.value)
+
+
 def test_a_message_longer_than_its_length_fails_right_after_it():
     """hiredis skips the two bytes after a bulk string without checking them: the message
     passes on cut to its length, then the next byte out of step fails the stream, and
@@ -400,6 +409,17 @@ def test_a_large_take_is_fed_to_hiredis_in_slices():
     stream = b"".join(pmessage(p) for p in payloads)
     assert len(stream) > 3 * FEED_SLICE
     assert PubSubParser().feed(stream) == payloads
+
+
+def test_what_the_parser_keeps_is_the_reply_in_progress_only():
+    """The backlog is bounded in RedisReader (--event-backlog-max-mb); what the events thread
+    took must not pile up again inside hiredis: after a feed, only the reply still incomplete
+    (and less than the 1 KiB hiredis compacts at) stays in its buffer."""
+    partial = pmessage(b"y" * 200_000)[:150_000]
+    stream = b"".join(pmessage(b"x" * 300) for _ in range(30_000)) + partial  # ~10 MB
+    parser = PubSubParser()
+    assert len(parser.feed(stream)) == 30_000
+    assert len(partial) <= parser._reader.len() < len(partial) + 1024
 
 
 @SETTINGS
