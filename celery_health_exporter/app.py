@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from . import __version__
 from .broker import make_app
+from .bugs import ContainedBugs
 from .findings import diagnose
 from .http import serve
 from .metrics import StateCollector
@@ -55,12 +56,11 @@ def build_state(config) -> ClusterState:
     return state
 
 
-def internal_errors(sources, collector=None) -> dict[str, int]:
-    """The bugs contained so far per source, as celery_exporter_internal_errors_total counts them
-    ("scrape": the metrics areas of the collector)."""
-    counts = {source.name: source.health.internal_errors for source in sources}
-    if collector is not None:
-        counts["scrape"] = collector.internal_errors
+def internal_errors(sources, *others: ContainedBugs) -> dict[str, int]:
+    """The bugs contained so far per source, as celery_exporter_internal_errors_total counts them;
+    ``others``: those of the parts that are not sources (the collector's "scrape", the ticker's "tick")."""
+    counts = {source.name: source.bugs.count for source in sources}
+    counts.update((bugs.owner, bugs.count) for bugs in others)
     return counts
 
 
@@ -84,7 +84,7 @@ class Ticker:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="state-ticker", daemon=True)
-        self.failures = 0
+        self.bugs = ContainedBugs(log, "tick")
 
     def start(self) -> "Ticker":
         self._thread.start()
@@ -99,10 +99,8 @@ class Ticker:
             try:
                 with self.state.lock:
                     self.state.tick(time.time())
-            except Exception:  # a bug: logged, and the next tick tries again
-                self.failures += 1
-                if self.failures == 1:
-                    log.exception("state tick failed (a bug, please report it; logged once)")
+            except Exception as exc:  # a bug: the next tick tries again
+                self.bugs.record(exc, "moving the model in time", "the rest of this tick skipped")
 
 
 class Exporter:
@@ -113,8 +111,9 @@ class Exporter:
         self.state = build_state(config)
         self.celery_app = make_app(config)
         self.sources = build_sources(config, self.state, self.celery_app)
+        self.ticker = Ticker(self.state)
         self.collector = StateCollector(self.state, self.sources, prefix=config.metric_prefix,
-                                        static_labels=config.static_labels)
+                                        static_labels=config.static_labels, other_bugs=(self.ticker.bugs,))
         # The registry holds only the standard process and platform metrics; the
         # collector's own families are rendered by it directly (see http.metrics).
         self.registry = CollectorRegistry(auto_describe=False)
@@ -134,7 +133,8 @@ class Exporter:
         return (True, "ok") if essential else (False, "no source enabled")
 
     def findings(self) -> list:
-        return diagnose_now(self.state, self.config, errors=internal_errors(self.sources, self.collector))
+        return diagnose_now(self.state, self.config, errors=internal_errors(self.sources, self.collector.bugs,
+                                                                         *self.collector.other_bugs))
 
     async def run(self) -> int:
         gc.set_threshold(*GC_THRESHOLDS)
@@ -144,7 +144,7 @@ class Exporter:
             loop.add_signal_handler(sig, stop.set)
         for source in self.sources:
             source.start()
-        ticker = Ticker(self.state).start()
+        self.ticker.start()
         runner = await serve(self, self.listen_socket)
         log.info("celery-health-exporter %s listening on %s:%d, broker %s", self.version,
                  self.config.listen_host, self.config.listen_port, self.config.masked_broker_url)
@@ -152,7 +152,7 @@ class Exporter:
         log.info("stopping")
         await asyncio.gather(
             asyncio.wait_for(runner.cleanup(), STOP_TIMEOUT),
-            asyncio.to_thread(ticker.stop),
+            asyncio.to_thread(self.ticker.stop),
             *(asyncio.to_thread(source.stop) for source in self.sources),
             return_exceptions=True,
         )

@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         for source in sources:
             source.stop(1.0)
         ticker.stop()
-    findings = diagnose_now(state, config, errors=internal_errors(sources))
+    findings = diagnose_now(state, config, errors=internal_errors(sources, ticker.bugs))
     with state.lock:
         workers = sum(1 for w in state.workers.values() if w.up)
         events = sum(state.events_by_type.values())

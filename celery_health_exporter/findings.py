@@ -625,6 +625,8 @@ SKIPPED = {
     "redis": "a poll of the broker's queues (lengths, unacked messages: dropped until the next poll)",
     "host": "a scan of the host's processes (worker processes, their memory, orphans)",
     "scrape": "a metrics area of a scrape (celery_exporter_scrape_collector_success{collector=...} is 0 for it)",
+    "tick": "the rest of a once-a-second tick of the model (workers timing out, tasks declared lost, purges: "
+            "retried at the next tick)",
 }
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
+
+from ..bugs import ContainedBugs
 
 from .definitions import AREAS, MetricDef, all_definitions
 from .exporter_self import COLLECTOR_DURATION, COLLECTOR_SUCCESS, INTERNAL_ERRORS, SCRAPE_DURATION
@@ -66,7 +67,10 @@ def area_name(area) -> str:
 class StateCollector:
     """The cluster state's and the sources' metrics, as exposition text."""
 
-    def __init__(self, state, sources, *, prefix: str = "celery_", static_labels: dict | None = None):
+    def __init__(self, state, sources, *, prefix: str = "celery_", static_labels: dict | None = None,
+                 other_bugs: tuple[ContainedBugs, ...] = ()):
+        """``other_bugs``: the counts of parts that are neither a source nor a metrics area
+        (the ticker), served beside the sources' and the areas' own."""
         self.state = state
         self.sources = sources
         self.prefix = prefix
@@ -77,8 +81,8 @@ class StateCollector:
         # model cannot hold one, so each is a bug; logged once per family.
         self.nonfinite_dropped = 0
         self._dropped_families: set[str] = set()
-        self.internal_errors = 0  # areas whose collect raised (a bug), counted under source="scrape"
-        self._bugs_logged: set[tuple[str, str]] = set()
+        self.bugs = ContainedBugs(log, "scrape")  # metrics areas whose collect raised
+        self.other_bugs = tuple(other_bugs)
         self.last_scrape_seconds: float | None = None
 
     def snapshot(self) -> list:
@@ -93,7 +97,9 @@ class StateCollector:
                 try:
                     part = [_frozen(sample) for sample in area.collect(ctx)]
                 except Exception as exc:  # a bug in one area must not take the page down
-                    self._area_failed(area_name(area), exc)
+                    self.bugs.record(exc, f"collecting metrics area {area_name(area)}",
+                                     f"left out of this scrape (celery_exporter_scrape_collector_success"
+                                     f"{{collector={area_name(area)!r}}} is 0)")
                     results.append((area_name(area), False, time.perf_counter() - started))
                     continue
                 samples.extend(part)
@@ -101,7 +107,8 @@ class StateCollector:
         for name, ok, seconds in results:
             samples.append((COLLECTOR_SUCCESS, (name,), 1 if ok else 0))
             samples.append((COLLECTOR_DURATION, (name,), seconds))
-        samples.append((INTERNAL_ERRORS, ("scrape",), self.internal_errors))
+        for bugs in (self.bugs, *self.other_bugs):
+            samples.append((INTERNAL_ERRORS, (bugs.owner,), bugs.count))
         if self.last_scrape_seconds is not None:
             samples.append((SCRAPE_DURATION, (), self.last_scrape_seconds))
         return samples
@@ -119,16 +126,6 @@ class StateCollector:
                                    self._dropped)
         self.last_scrape_seconds = time.perf_counter() - started
         return text
-
-    def _area_failed(self, area: str, exc: Exception) -> None:
-        self.internal_errors += 1
-        frames = traceback.extract_tb(exc.__traceback__)
-        key = (area, f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
-        if key not in self._bugs_logged and len(self._bugs_logged) < 100:
-            self._bugs_logged.add(key)
-            log.error("metrics area %s failed and is left out of this scrape (a bug, please report it with this "
-                      "traceback; celery_exporter_scrape_collector_success{collector=%r} is 0, logged once per "
-                      "place)", area, area, exc_info=exc)
 
     def _dropped(self, family: str) -> None:
         """A sample of ``family`` was not finite and is not served (counted; shown from the next scrape)."""

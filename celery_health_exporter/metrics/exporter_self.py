@@ -79,7 +79,7 @@ def collect(ctx):
         if health.last_success is not None:
             yield SOURCE_LAST_SUCCESS, (source.name,), health.last_success
         yield SOURCE_FAILURES, (source.name,), health.failures
-        yield INTERNAL_ERRORS, (source.name,), health.internal_errors
+        yield INTERNAL_ERRORS, (source.name,), source.bugs.count
         if health.last_poll_seconds is not None:
             yield SOURCE_POLL_DURATION, (source.name,), health.last_poll_seconds
         if source.name == "events":

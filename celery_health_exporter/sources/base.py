@@ -16,9 +16,10 @@ import functools
 import logging
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from ..bugs import ContainedBugs
 
 
 @dataclass
@@ -29,7 +30,6 @@ class SourceHealth:
     reconnects: int = 0
     down_since: float | None = None
     failures: int = 0  # failed reads (each retry during an outage counts)
-    internal_errors: int = 0  # bugs contained (see is_outage)
     last_poll_seconds: float | None = None  # polling sources: how long the last poll took
 
 
@@ -59,12 +59,6 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, _outage_types())
 
 
-def _place(exc: BaseException) -> str:
-    """Where an exception was raised (innermost frame): the key of 'logged once'."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-
-
 class Source:
     """A background reader with outage bookkeeping: one log line when an outage
     starts and one when it ends, however many retries happen in between."""
@@ -79,7 +73,7 @@ class Source:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._was_up_once = False
-        self._bugs_logged: set[tuple[str, str]] = set()
+        self.bugs = ContainedBugs(self.log, self.name)
 
     # lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -115,13 +109,7 @@ class Source:
     # errors ---------------------------------------------------------------
     def internal_error(self, exc: BaseException, doing: str) -> None:
         """Count a bug; log it with its traceback the first time it happens at its place."""
-        self.health.internal_errors += 1
-        key = (type(exc).__name__, _place(exc))
-        if key not in self._bugs_logged and len(self._bugs_logged) < 100:
-            self._bugs_logged.add(key)
-            self.log.error("%s: internal error while %s, skipped (a bug, please report it with this traceback; "
-                           "counted in celery_exporter_internal_errors_total, logged once per place)",
-                           self.name, doing, exc_info=exc)
+        self.bugs.record(exc, doing)
 
     @contextmanager
     def bugs_contained(self, doing: str):

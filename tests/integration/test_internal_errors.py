@@ -64,4 +64,4 @@ def test_a_bug_is_counted_logged_once_and_skipped_while_everything_else_goes_on(
         assert log.count(f"RuntimeError: {bug}") == 1, f"{bug} logged {log.count(bug)} times:\n{log}"
     assert log.count("Traceback (most recent call last)") == 3
     assert "internal error while applying a 'task-succeeded' event" in log
-    assert "metrics area beat failed" in log
+    assert "internal error while collecting metrics area beat" in log

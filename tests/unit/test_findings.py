@@ -195,7 +195,7 @@ def test_every_source_says_what_its_bugs_skip():
 
     names = {cls.name for cls in subclasses(Source) if cls.name != Source.name}  # QueuePoller: a base
     assert len(names) >= 5
-    assert names | {"scrape"} == set(SKIPPED)
+    assert names | {"scrape", "tick"} == set(SKIPPED)
 
 
 def test_the_daemon_and_doctor_count_the_bugs_of_sources_and_metrics_areas(state, monkeypatch):
@@ -217,12 +217,12 @@ def test_the_daemon_and_doctor_count_the_bugs_of_sources_and_metrics_areas(state
     collector = StateCollector(state, [source])
     served = {labels[0]: value for definition, labels, value in collector.samples()
               if definition.name == "exporter_internal_errors"}
-    assert internal_errors([source], collector) == served == {"source": 1, "scrape": 1}
+    assert internal_errors([source], collector.bugs) == served == {"source": 1, "scrape": 1}
     assert internal_errors([source]) == {"source": 1}  # doctor: no scrapes
 
     class Config:
         no_task_events_hint_after = 60.0
 
-    found = diagnose_now(state, Config(), T0, errors=internal_errors([source], collector))
+    found = diagnose_now(state, Config(), T0, errors=internal_errors([source], collector.bugs))
     assert sorted(f.id for f in found if f.kind == "internal_errors") == ["internal_errors:scrape",
                                                                           "internal_errors:source"]
