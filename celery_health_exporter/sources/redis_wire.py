@@ -3,8 +3,9 @@ the events source on Redis.
 
 Events on Redis are pub/sub: a reader thread pulls the subscription socket in
 large chunks so that Redis's ``client-output-buffer-limit pubsub`` is never
-reached while the exporter catches up, and the events thread parses the RESP
-frames it takes from that backlog.
+reached while the exporter catches up, and the events thread parses what it
+takes from that backlog (``PubSubParser``, hiredis) and unwraps each message's
+kombu envelope (``unwrap``).
 """
 from __future__ import annotations
 
