@@ -7,7 +7,7 @@ import html
 
 import pytest
 
-from tests.apps.testapp import client
+from tests.apps.brokerapp import client
 from tests.harness import HOST, wait_for
 from tests.redis_servers import RedisServer
 
@@ -56,29 +56,42 @@ def add_user(server, name: str, password: str, *, without: str = "") -> str:
 
 
 def test_an_acl_user_with_only_the_documented_commands_is_enough(server, make_exporter, make_worker):
-    admin = server.client()
+    admin = server.client(db=DB)
     admin.acl_log_reset()
     worker_url = f"redis://127.0.0.1:{server.port}/{DB}"  # the workers keep their full user
-    make_worker(worker_url, "acl", queues="celery")
-    password = "acl-exporter-pw"
-    exporter = make_exporter(add_user(server, "exporter", password), *FAST)
+    make_worker(worker_url, "acl", queues="celery", app="tests.apps.brokerapp")
     publisher = client(worker_url)
-    for i in range(3):
-        publisher.send_task("tests.add", args=(i, i))
-        publisher.send_task("tests.add", args=(i, i), queue="acl-hole")
+    # A message delivered and never acked, older than the exporter's visibility timeout: kombu would
+    # have the exporter's remote-control connection push it back into its queue (writes the ACL
+    # refuses and a monitor must not do).
+    publisher.send_task("brokers.hold")
+    wait_for(lambda: admin.hlen("unacked") == 1, 20, message="a message held unacked")
+    password = "acl-exporter-pw"
+    exporter = make_exporter(add_user(server, "exporter", password), *FAST,
+                             "--broker-transport-option", "visibility_timeout=1")
+    for _ in range(3):
+        publisher.send_task("brokers.noop")
+        publisher.send_task("brokers.noop", queue="acl-hole")
 
     def works():
         m = exporter.scrape()
-        return (m.value("celery_task_succeeded_total", name="tests.add", hostname=f"acl@{HOST}",
+        return (m.value("celery_task_succeeded_total", name="brokers.noop", hostname=f"acl@{HOST}",
                         queue_name="celery") == 3
                 and m.value("celery_queue_length", queue_name="acl-hole") == 3
+                and m.value("celery_queue_unacked", queue_name="celery") == 1
                 and m.value("celery_active_consumer_count", queue_name="celery") == 1
                 and {labels["source"]: v for labels, v in m.find("celery_exporter_source_up")} == {
                     "events": 1, "inspect": 1, "redis": 1})
 
     wait_for(works, 40, message="events, queue polls and remote control with the ACL user")
+    # one more whole remote-control poll, its waits for replies each a chance for kombu to restore
+    # the held message
+    polled = exporter.scrape().value("celery_exporter_source_last_success_timestamp_seconds", source="inspect")
+    wait_for(lambda: exporter.scrape().value("celery_exporter_source_last_success_timestamp_seconds",
+                                             source="inspect") > polled, 30, message="one more remote-control poll")
     # Redis logs every command or key an ACL user was refused: none.
     assert admin.acl_log() == [], admin.acl_log()
+    assert admin.hlen("unacked") == 1 and admin.llen("celery") == 0  # still held, not re-delivered
     assert "NOPERM" not in exporter.log() and password not in exporter.log()
 
 
