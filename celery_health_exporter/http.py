@@ -164,6 +164,7 @@ def make_web_app(exporter) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/health", readyz)  # prometheus-exporter-celery's probe path: its chart's probes keep working
     app.router.add_get("/", index)
     app.router.add_get("/api/findings", findings_json)
     return app

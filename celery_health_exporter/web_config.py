@@ -53,7 +53,7 @@ import yaml
 from .config import ConfigError
 
 FLAG = "--web-config-file"
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health"})  # /health: prometheus-exporter-celery's probe
 REALM = "celery-health-exporter"
 
 TLS_VERSIONS = {
