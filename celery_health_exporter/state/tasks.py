@@ -320,8 +320,8 @@ class TaskTable:
         exc_name = self._count_exception(event, record)
         flow.failed[exc_name] = flow.failed.get(exc_name, 0) + 1
         if lost_on_main_exit(task_exception(event)):
-            name, hostname, _queue = flow.labels
-            self.crashes.task_lost(hostname, name, self.workers[hostname].up, now)
+            worker = self._worker(event, now)  # flow.labels says "generic" with --generic-hostname-worker-...
+            self.crashes.task_lost(worker.hostname, flow.labels[0], worker.up, now)
         runtime = duration(event.get("runtime"), self.count_malformed)
         if event.get("runtime") is None and record is not None and record.started_at is not None:
             runtime = ts - record.started_at  # both timestamps bounded: finite

@@ -180,6 +180,22 @@ def test_generic_worker_hostname_sums_the_workers_flows_once():
     assert state.runtime_by_name() == {"app.add": (2, 2.0)}
 
 
+def test_generic_worker_hostname_keeps_the_crash_detection_per_worker():
+    state, now = fresh(generic_worker_task_hostname=True)
+    state.apply(ev("worker-heartbeat", now, hostname="celery@w1", pid=1, freq=2.0, active=1, processed=0), now)
+    run(state, "a", now)
+    state.apply(ev("task-received", now + 5, uuid="lost", name="app.add", hostname="celery@w1"), now + 5)
+    state.apply(ev("task-started", now + 6, uuid="lost", hostname="celery@w1"), now + 6)
+    state.apply(ev("task-failed", now + 7, uuid="lost", hostname="celery@w1",
+                   exception="WorkerLostError('Worker exited prematurely: exitcode 0 Job: 1.')"), now + 7)
+    m = metrics(state)
+    labels = (("exception", "WorkerLostError"), ("hostname", "generic"), ("name", "app.add"), ("queue_name", "q1"))
+    assert m[("celery_task_failed_total", labels)] == 1
+    state.apply(ev("worker-offline", now + 8, hostname="celery@w1"), now + 8)  # its main process is gone
+    m = metrics(state)
+    assert m[("celery_worker_unrecoverable_errors_total", (("exception", "unknown"), ("hostname", "celery@w1")))] == 1
+
+
 def test_default_queue_name_labels_tasks_whose_queue_nothing_tells():
     state, now = fresh(unknown_queue="celery")
     run(state, "a", now, sent=False)
