@@ -18,8 +18,10 @@ default flags (only --listen-address and --log-level WARNING given):
    first scrape that shows the final count); probe latencies under both loads.
 
 Targets (issue 15): probe p99 <= 50 ms and max <= 250 ms while two scrapers pull;
-intake while scraped >= 90 % of intake alone. Prints a table, writes JSON to
-benchmarks/results/.
+intake while scraped >= 90 % of intake alone. ``--compare`` also runs the same daemon with
+the interpreter's own GC thresholds and GIL switch interval (app.GC_THRESHOLDS and
+app.GIL_SWITCH_INTERVAL undone), to show what those two settings buy. Prints a table,
+writes JSON to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -145,15 +147,22 @@ def events_counted(base: str) -> float:
     return sum(float(v) for v in EVENTS_LINE.findall(body))
 
 
-def run_broker(kind: str, args, log_dir: Path) -> dict:
+# The daemon with the interpreter's defaults instead of app.GC_THRESHOLDS / GIL_SWITCH_INTERVAL.
+INTERPRETER_DEFAULTS = ("import gc, sys; from celery_health_exporter import app; "
+                        "app.GC_THRESHOLDS = gc.get_threshold(); app.GIL_SWITCH_INTERVAL = sys.getswitchinterval(); "
+                        "from celery_health_exporter.cli import main; sys.exit(main(sys.argv[1:]))")
+VARIANTS = {"shipped": ["-m", "celery_health_exporter"], "interpreter-defaults": ["-c", INTERPRETER_DEFAULTS]}
+
+
+def run_broker(kind: str, variant: str, args, log_dir: Path) -> dict:
     broker = BROKERS[kind]()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(log_dir / f"exporter-{kind}.log", "w")
-    exporter = subprocess.Popen([sys.executable, "-m", "celery_health_exporter", "--broker-url", broker.url,
+    log = open(log_dir / f"exporter-{kind}-{variant}.log", "w")
+    exporter = subprocess.Popen([sys.executable, *VARIANTS[variant], "--broker-url", broker.url,
                                  "--listen-address", f"127.0.0.1:{port}", "--log-level", "WARNING"],
                                 stdout=log, stderr=log, cwd=ROOT)
-    result = {"broker": kind}
+    result = {"broker": kind, "variant": variant}
     try:
         wait_ready(base, exporter, log.name)
         watch = CpuWatch(exporter.pid)
@@ -173,7 +182,8 @@ def run_broker(kind: str, args, log_dir: Path) -> dict:
         before = events_counted(base)
         proc, start = storm(broker, args, args.tasks, seed=2)
         sent = finish(proc)
-        done = wait_idle(watch, start, args.max_wait)
+        storm_end = time.time()  # a storm too small to make the exporter busy ends when its sending does
+        done = max(wait_idle(watch, start, args.max_wait), storm_end)
         applied = events_counted(base) - before
         result["alone"] = {"events": int(applied), "sent": sent["events"], "seconds": round(done - start, 2),
                            "events_per_s": round(applied / (done - start))}
@@ -225,15 +235,17 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="scrape-only window")
     p.add_argument("--redis-rate", type=float, default=10_000, help="events/s on Redis (pub/sub drops a slow reader)")
     p.add_argument("--max-wait", type=float, default=300.0)
+    p.add_argument("--compare", action="store_true", help="also run the daemon with the interpreter's defaults")
     args = p.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="che-probes-"))
-    results = [run_broker(kind, args, log_dir) for kind in args.brokers.split(",")]
-    print("| broker | flows | series | scrape ms (median/max) | gzip KB / KB | probes p50/p99/max ms, scraped "
+    variants = list(VARIANTS) if args.compare else ["shipped"]
+    results = [run_broker(kind, variant, args, log_dir) for kind in args.brokers.split(",") for variant in variants]
+    print("| broker | daemon | flows | series | scrape ms (median/max) | gzip KB / KB | probes p50/p99/max ms, scraped "
           "| same, scraped + storm | events/s alone | events/s scraped | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s, w = r["scraped"], r["while_scraped"]
-        print(f"| {r['broker']} | {r['flows']} | {r['series']} | {s['scrape_median_ms']}/{s['scrape_max_ms']} | "
+        print(f"| {r['broker']} | {r['variant']} | {r['flows']} | {r['series']} | {s['scrape_median_ms']}/{s['scrape_max_ms']} | "
               f"{s['scrape_gzip_kb']}/{s['scrape_kb']} | {s['probe_p50_ms']}/{s['probe_p99_ms']}/{s['probe_max_ms']} | "
               f"{w['probe_p50_ms']}/{w['probe_p99_ms']}/{w['probe_max_ms']} | {r['alone']['events_per_s']} | "
               f"{w['events_per_s']} | {r['intake_ratio']:.0%} |")

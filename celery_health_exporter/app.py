@@ -6,6 +6,7 @@ import gc
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -31,6 +32,10 @@ STOP_TIMEOUT = 3.0
 # (~100 ms with the GIL held: probes and event intake stop). Collecting the youngest
 # generation every 10,000 allocations lets them die young instead (benchmarks/probes.py).
 GC_THRESHOLDS = (10_000, 10, 10)
+# Python hands the GIL from thread to thread every 5 ms by default: while a render and event
+# intake are busy, a probe on the event loop waits several such turns. 1 ms keeps probes
+# prompt for a little throughput (benchmarks/probes.py --compare measures both).
+GIL_SWITCH_INTERVAL = 0.001
 
 
 def build_state(config) -> ClusterState:
@@ -138,6 +143,7 @@ class Exporter:
 
     async def run(self) -> int:
         gc.set_threshold(*GC_THRESHOLDS)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
