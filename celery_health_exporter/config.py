@@ -105,7 +105,7 @@ class Config:
 
     def secrets(self) -> list[str]:
         """Strings that must never leave the process (passwords in the broker's and the
-        management API's URLs)."""
+        management API's URLs, the Sentinels' password, a client key's passphrase)."""
         found = []
         for part in (*self.broker_url.split(";"), self.rabbitmq_management_url):
             try:
@@ -114,6 +114,10 @@ class Config:
                 password = None
             if password:
                 found.extend({password, unquote(password)})
+        for options, key in ((self.broker_transport_options.get("sentinel_kwargs"), "password"),
+                             (self.broker_ssl_options, "password"), (self.broker_ssl_options, "ssl_password")):
+            if isinstance(options, dict) and isinstance(options.get(key), str) and options[key]:
+                found.append(options[key])
         return found
 
 

@@ -198,7 +198,8 @@ class SentinelGroup:
     master_name: str
     redis_servers: list[RedisServer]
     sentinels: list[RedisServer]
-    password: str = ""  # of the master and the replica (the Sentinels have none)
+    password: str = ""  # of the master and the replica
+    sentinel_password: str = ""  # of the Sentinels (kombu: transport option sentinel_kwargs)
 
     @property
     def url(self) -> str:
@@ -225,7 +226,7 @@ class SentinelGroup:
 
 
 def sentinel_group(directory: Path, master_name: str = "celerymaster", *, down_after_ms: int = 1000,
-                   failover_timeout_ms: int = 5000, password: str = "") -> SentinelGroup:
+                   failover_timeout_ms: int = 5000, password: str = "", sentinel_password: str = "") -> SentinelGroup:
     auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
     options = {"password": password} if password else {}
     master = RedisServer(directory / "master", auth, client_options=options).start()
@@ -241,8 +242,9 @@ def sentinel_group(directory: Path, master_name: str = "celerymaster", *, down_a
             f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
             f"sentinel parallel-syncs {master_name} 1",
             *([f"sentinel auth-pass {master_name} {password}"] if password else []),
-        ], sentinel=True).start())
-    group = SentinelGroup(master_name, [master, replica], sentinels, password)
+            *([f"requirepass {sentinel_password}"] if sentinel_password else []),
+        ], sentinel=True, client_options={"password": sentinel_password} if sentinel_password else {}).start())
+    group = SentinelGroup(master_name, [master, replica], sentinels, password, sentinel_password)
 
     def agreed() -> bool:
         for sentinel in sentinels:

@@ -3,7 +3,7 @@ import ssl
 
 import pytest
 
-from celery_health_exporter.config import ConfigError, validate_broker_url, validate_ssl_options
+from celery_health_exporter.config import Config, ConfigError, validate_broker_url, validate_ssl_options
 from celery_health_exporter.logs import describe_error
 
 
@@ -45,3 +45,10 @@ def test_tls_and_acl_failures_say_what_to_change_in_one_line_of_at_most_300_char
 def test_other_errors_get_no_hint():
     assert describe_error(ConnectionError("Error 111 connecting to redis:6379. Connection refused.")) == \
         "ConnectionError: Error 111 connecting to redis:6379. Connection refused."
+
+
+def test_the_sentinels_password_and_a_key_passphrase_are_secrets_too():
+    config = Config(broker_url="sentinel://:redis-pw@a:26379;sentinel://:redis-pw@b:26379",
+                    broker_transport_options={"master_name": "m", "sentinel_kwargs": {"password": "sentinel-pw"}},
+                    broker_ssl_options={"ssl_password": "key-passphrase"})
+    assert {"redis-pw", "sentinel-pw", "key-passphrase"} <= set(config.secrets())
