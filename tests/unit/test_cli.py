@@ -1,5 +1,6 @@
 """Flags and environment variables into one validated config; bad input is one line and exit 2."""
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -111,3 +112,19 @@ def test_secrets_of_amqps_and_https_management_urls_are_known_in_both_spellings(
                                "--rabbitmq-management-url", "https://mon:m%2Fpw@rabbit:15671"], {})
     assert {"b%40pw", "b@pw", "m%2Fpw", "m/pw"} <= set(config.secrets())
     assert config.masked_broker_url == "amqps://app:***@rabbit:5671/%2Fprod"
+
+
+def test_the_amqp_broker_host_name_is_checked_against_its_certificate():
+    """py-amqp checks the certificate's names only when given server_hostname (kombu never gives it)."""
+    from celery_health_exporter.broker import make_app
+
+    def use_ssl(*args):
+        return make_app(config_from_args(["--broker-url", *args], {})).conf.broker_use_ssl
+
+    assert use_ssl("amqps://u:p@rabbit.example:5671//")["server_hostname"] == "rabbit.example"
+    assert use_ssl("amqp://u:p@rabbit:5672//", "--broker-ssl-option", "cert_reqs=CERT_REQUIRED") == {
+        "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "rabbit"}
+    assert use_ssl("amqps://u:p@10.0.0.5//", "--broker-ssl-option", "server_hostname=rabbit")[
+        "server_hostname"] == "rabbit"  # given: kept
+    assert "server_hostname" not in use_ssl("amqps://u:p@a//;amqps://u:p@b//")  # several hosts: the user's call
+    assert not use_ssl("amqp://u:p@rabbit//")  # no TLS: nothing

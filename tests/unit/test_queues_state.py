@@ -176,6 +176,23 @@ def test_rabbitmq_queue_without_activity_counts_zero_and_keeps_the_queue():
     assert (full.published, full.delivered, full.redelivered, full.acked) == (9, 8, 2, 6)
 
 
+def test_a_quorum_queues_delivery_limit_is_the_lower_of_argument_and_policy_and_absent_without_one():
+    def limit(**item):
+        return queue_stats({"name": "q", "messages_ready": 0, **item}).delivery_limit
+
+    assert limit(type="quorum", arguments={"x-delivery-limit": 5}) == 5
+    assert limit(type="quorum", effective_policy_definition={"delivery-limit": 7}) == 7
+    assert limit(type="quorum", arguments={"x-delivery-limit": 9},
+                 effective_policy_definition={"delivery-limit": 4}) == 4
+    assert limit(type="quorum", arguments={}, effective_policy_definition=[]) is None  # none set
+    assert limit(type="quorum", arguments={"x-delivery-limit": -1}) is None  # RabbitMQ 4.x: unlimited
+    assert limit(type="classic", arguments={"x-delivery-limit": 5}) is None  # classic queues ignore it
+    refused = []
+    assert queue_stats({"name": "q", "type": "quorum", "arguments": {"x-delivery-limit": "lots"}},
+                       refused.append).delivery_limit is None
+    assert refused  # a hostile number is reported, never shown
+
+
 def test_management_credentials_travel_apart_from_the_url():
     assert _split_credentials("https://mon:s%40cret@rmq.example:15671/admin") == (
         "https://rmq.example:15671/admin", "mon", "s@cret")
