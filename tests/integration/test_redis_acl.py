@@ -4,6 +4,7 @@ works and Redis's ACL LOG stays empty; without one command, the exporter names i
 and on the status page or /readyz.
 """
 import html
+import json
 
 import pytest
 
@@ -47,28 +48,32 @@ def server(tmp_path_factory):
     s.stop()
 
 
-def add_user(server, name: str, password: str, *, without: str = "") -> str:
-    rules = [r for r in exporter_acl() if r != f"+{without}"]
+def add_user(server, name: str, password: str, *, without: str = "", db: int = DB, prefix: str = "") -> str:
+    rules = [r for r in exporter_acl(db, prefix) if r != f"+{without}"]
     with server.client() as admin:
         admin.acl_deluser(name)
         admin.execute_command("ACL", "SETUSER", name, "on", f">{password}", *rules)
-    return f"redis://{name}:{password}@127.0.0.1:{server.port}/{DB}"
+    return f"redis://{name}:{password}@127.0.0.1:{server.port}/{db}"
 
 
-def test_an_acl_user_with_only_the_documented_commands_is_enough(server, make_exporter, make_worker):
-    admin = server.client(db=DB)
+@pytest.mark.parametrize("prefix, db", [("", DB), ("app1:", DB + 1)])
+def test_an_acl_user_with_only_the_documented_commands_is_enough(server, make_exporter, make_worker, prefix, db):
+    admin = server.client(db=db)
     admin.acl_log_reset()
-    worker_url = f"redis://127.0.0.1:{server.port}/{DB}"  # the workers keep their full user
-    make_worker(worker_url, "acl", queues="celery", app="tests.apps.brokerapp")
-    publisher = client(worker_url)
+    options = {"global_keyprefix": prefix} if prefix else {}
+    worker_url = f"redis://127.0.0.1:{server.port}/{db}"  # the workers keep their full user
+    make_worker(worker_url, "acl", queues="celery", app="tests.apps.brokerapp",
+                env={"TEST_TRANSPORT_OPTIONS": json.dumps(options)})
+    publisher = client(worker_url, options)
     # A message delivered and never acked, older than the exporter's visibility timeout: kombu would
     # have the exporter's remote-control connection push it back into its queue (writes the ACL
     # refuses and a monitor must not do).
     publisher.send_task("brokers.hold")
-    wait_for(lambda: admin.hlen("unacked") == 1, 20, message="a message held unacked")
+    wait_for(lambda: admin.hlen(f"{prefix}unacked") == 1, 20, message="a message held unacked")
     password = "acl-exporter-pw"
-    exporter = make_exporter(add_user(server, "exporter", password), *FAST,
-                             "--broker-transport-option", "visibility_timeout=1")
+    exporter = make_exporter(add_user(server, f"exporter-{db}", password, db=db, prefix=prefix), *FAST,
+                             "--broker-transport-option", "visibility_timeout=1",
+                             *(["--broker-transport-option", f"global_keyprefix={prefix}"] if prefix else []))
     for _ in range(3):
         publisher.send_task("brokers.noop")
         publisher.send_task("brokers.noop", queue="acl-hole")
@@ -91,7 +96,7 @@ def test_an_acl_user_with_only_the_documented_commands_is_enough(server, make_ex
                                              source="inspect") > polled, 30, message="one more remote-control poll")
     # Redis logs every command or key an ACL user was refused: none.
     assert admin.acl_log() == [], admin.acl_log()
-    assert admin.hlen("unacked") == 1 and admin.llen("celery") == 0  # still held, not re-delivered
+    assert admin.hlen(f"{prefix}unacked") == 1 and admin.llen(f"{prefix}celery") == 0  # held, not re-delivered
     assert "NOPERM" not in exporter.log() and password not in exporter.log()
 
 
