@@ -261,8 +261,9 @@ def test_no_credential_leaks_after_failed_connections(make_exporter):
         wrong_pw = f"wrong/pw@{uuid.uuid4().hex[:8]}:%"
         redis_pw = f"redis-{uuid.uuid4().hex}"
         dns_pw = f"dns-{uuid.uuid4().hex}"
+        tls_pw = f"tls/pw@{uuid.uuid4().hex[:8]}"
         closed_port = _closed_port()
-        secrets = [broker_pw, mgmt_pw, wrong_pw, redis_pw, dns_pw]
+        secrets = [broker_pw, mgmt_pw, wrong_pw, redis_pw, dns_pw, tls_pw]
         runs = [
             # broker unreachable, management API unreachable, its credentials in the URL; DEBUG logs
             (amqp.url.replace(":5672/", f":{closed_port}/"), "--log-level", "DEBUG",
@@ -275,6 +276,10 @@ def test_no_credential_leaks_after_failed_connections(make_exporter):
             # a broker host that does not resolve
             (f"amqp://{amqp.user}:{dns_pw}@no-such-broker.invalid:5672/{amqp.vhost}",
              "--rabbitmq-management-url", f"http://monitor:{mgmt_pw}@no-such-broker.invalid:15672"),
+            # amqps:// and https:// with credentials to listeners that speak neither TLS (handshakes fail)
+            (f"amqps://{amqp.user}:{quote(tls_pw, safe='')}@127.0.0.1:5672/{amqp.vhost}", "--log-level", "DEBUG",
+             "--broker-ssl-option", "cert_reqs=CERT_REQUIRED",
+             "--rabbitmq-management-url", f"https://monitor:{quote(mgmt_pw, safe='')}@127.0.0.1:15672"),
         ]
         exporters = [make_exporter(url, *extra, wait=False) for url, *extra in runs]
 
@@ -303,6 +308,7 @@ def test_no_credential_leaks_after_failed_connections(make_exporter):
         assert "ACCESS_REFUSED" in reasons[1] or "Login was refused" in reasons[1], reasons[1]
         assert "WRONGPASS" in reasons[2] or "invalid username-password" in reasons[2], reasons[2]
         assert "Name or service not known" in reasons[3] or "resolution" in reasons[3], reasons[3]
+        assert "SSL" in reasons[4] or "EOF" in reasons[4], reasons[4]
         index = exporters[1].get("/")[1]
         if "rabbitmq" in index:  # the management-API source runs: its failure is on the page, reasons clean
             assert "401" in index or "login failed" in index, index
