@@ -145,13 +145,15 @@ def test_the_exporter_follows_a_sentinel_failover_and_the_pubsub_loss_is_measure
         publisher.send_task("brokers.noop")
     for _ in range(4):
         publisher.send_task("brokers.noop", queue="hole-after")
+    # a queue the worker consumes from now on: only a remote-control poll on the new master can know it
+    assert publisher.control.add_consumer("added-after", destination=[hostname], reply=True, timeout=10)
     wait_for(lambda: ran(worker) == run_before + 10 and counted() == counted_before + 10, 30,
              message="every task after the failover counted")
 
     def followed():
         m = exporter.scrape()
         return (m.value("celery_queue_length", queue_name="hole-after") == 4
-                and m.value("celery_active_consumer_count", queue_name="celery") == 1
+                and m.value("celery_active_consumer_count", queue_name="added-after") == 1
                 and {labels["source"]: v for labels, v in m.find("celery_exporter_source_up")} == {
                     "events": 1, "inspect": 1, "redis": 1})
 
