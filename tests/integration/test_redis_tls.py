@@ -6,6 +6,7 @@ missing certificate file is bad input (exit 2); no password or key material leak
 """
 import subprocess
 import sys
+import time
 import uuid
 from urllib.parse import urlencode
 
@@ -95,6 +96,7 @@ def test_tls_failures_are_one_line_of_reason_and_the_exporter_stays_up(tls, make
         "wrong hostname": verified(certs),
         "no client certificate": {"ssl_cert_reqs": "required", "ssl_ca_certs": str(certs.ca)},
     }
+    started = time.monotonic()
     # Started together, judged together: each waits out its retries in parallel.
     exporters = {case: make_exporter(url(server, password, host=host, **queries[case]), *FAST, wait=False)
                  for case, (_, host) in FAILURES.items()}
@@ -118,6 +120,15 @@ def test_tls_failures_are_one_line_of_reason_and_the_exporter_stays_up(tls, make
         assert log.count("events: down") == 1 and log.count("redis: down") == 1, log
         assert FAILURES[case][0] in log, log
         assert password not in log and password not in exporter.get("/")[1]
+    # Retries, not a tight loop: at most one attempt per second and source (events back off from
+    # 1 s, the poller polls every 1 s here, remote control backs off from 1 s); every failed
+    # attempt counts in celery_exporter_source_failures_total.
+    seconds = time.monotonic() - started
+    for case, exporter in exporters.items():
+        failures = {labels["source"]: v for labels, v in
+                    exporter.scrape().find("celery_exporter_source_failures_total")}
+        assert all(1 <= failures.get(source, 0) <= seconds + 1 for source in ("events", "redis", "inspect")), \
+            (case, failures, seconds)
 
 
 @pytest.mark.parametrize("where", ["url", "flag"])
