@@ -214,3 +214,26 @@ def test_side_by_side_with_the_released_peer(broker, make_worker, tmp_path):
     finally:
         assert ours.stop() == 0, ours.log()
         peer.stop()
+
+
+def test_queue_wait_counts_from_publication(redis_broker, make_exporter, make_worker):
+    """The issue's case: a task that waits in the broker's queue (here, for its worker to start)
+    has waited from its task-sent, not from its task-received; its time in the worker's prefetch
+    buffer is the other histogram."""
+    queue = f"wait-{uuid.uuid4().hex[:6]}"
+    exporter = make_exporter(redis_broker.url, "--inspect-interval", "0")
+    client(redis_broker.url).send_task("tests.add", (1, 1), queue=queue)
+    published_by = datetime.datetime.now().timestamp()  # the task-sent's timestamp is before this
+    wait_for(lambda: exporter.scrape().value("celery_task_sent_total", name="tests.add", queue_name=queue) == 1,
+             message="task-sent seen")
+    worker = make_worker(redis_broker.url, "late", queues=queue)
+    labels = dict(name="tests.add", queue_name=queue)
+    m = wait_for(lambda: (lambda m: m.value("celery_task_queue_wait_time_count", **labels) == 1 and m)(
+        exporter.scrape()), 40, message="the task started")
+    worker_started = m.value("celery_worker_start_time_seconds", hostname=worker.hostname)
+    waited = m.value("celery_task_queue_wait_time_sum", **labels)
+    # It could not start before its worker did: the wait covers the worker's whole start-up.
+    assert waited >= worker_started - published_by > 0
+    prefetch = m.value("celery_task_prefetch_wait_time_sum", **labels)
+    assert m.value("celery_task_prefetch_wait_time_count", **labels) == 1
+    assert 0 <= prefetch < waited
