@@ -16,7 +16,7 @@ import time
 
 from ..state.events import Report, count, count_refused, finite_number, ignore
 from ..state.queues import BrokerState, QueuesSnapshot, QueueStats
-from .queues_common import QueuePoller
+from .queues_common import PollError, QueuePoller
 from .rabbitmq_api import MONITORING_TAGS, ManagementAPI, management_access
 
 COLUMNS = ",".join((
@@ -135,7 +135,10 @@ class RabbitMQSource(QueuePoller):
                               else None)
 
     def _has_monitoring_tag(self) -> bool:
-        tags = self.api.tags()
+        try:
+            tags = self.api.tags()
+        except PollError:  # /api/whoami not reachable (a proxy that forwards some paths only): unknown
+            tags = None
         if tags is None or tags & MONITORING_TAGS:
             return True  # an API that does not say is taken at its word
         if self._monitoring is not False:  # logged when it becomes so, not at every poll
