@@ -3,38 +3,33 @@ from __future__ import annotations
 
 from .definitions import counter, gauge
 
-HOOK = "beat hook"
 
 UP = gauge("beat_up", "1 while the beat process reports; 0 after it stopped (exporter-beat-offline) or was silent "
-           "for --beat-timeout (at least twice its report interval).", "beat", source=HOOK)
+           "for --beat-timeout (at least twice its report interval).", "beat")
 INSTANCES = gauge("beat_instances", "Beat processes currently up (two beats under one label count two): more than 1 "
-                  "means every periodic task runs more than once.", source=HOOK)
-RUNS = counter("beat_entry_runs", "Tasks beat sent for the entry, summed over beats.", "entry", "name", source=HOOK)
-LAST_RUN = gauge("beat_entry_last_run_timestamp_seconds", "Unix time beat last sent the entry.", "entry", "name",
-                 source=HOOK)
+                  "means every periodic task runs more than once.")
+RUNS = counter("beat_entry_runs", "Tasks beat sent for the entry, summed over beats.", "entry", "name")
+LAST_RUN = gauge("beat_entry_last_run_timestamp_seconds", "Unix time beat last sent the entry.", "entry", "name")
 NEXT_RUN = gauge("beat_entry_next_run_timestamp_seconds", "Unix time the entry is due next (the latest a beat "
                  "reported, or a period after a missed due time); absent once no beat schedules it.",
-                 "entry", "name", source=HOOK)
+                 "entry", "name")
 MISSED = counter("beat_entry_missed_runs", "Due times that passed, beyond --beat-missed-grace, with no beat sending "
                  "the entry (beat dead, stuck, or its schedule lost); one per period while it lasts.",
-                 "entry", "name", source=HOOK)
+                 "entry", "name")
 DUPLICATES = counter("beat_duplicate_runs", "Sends of a due time another beat process already sent (within half "
-                     "a period): two schedulers run the same schedule.", "entry", "name", source=HOOK)
+                     "a period): two schedulers run the same schedule.", "entry", "name")
 FAILURES = counter("beat_entry_failures", "The entry's tasks that failed (task-failed of a task id beat sent; needs "
-                   "workers with task events, -E).", "entry", "name", source=HOOK)
+                   "workers with task events, -E).", "entry", "name")
 SEND_ERRORS = counter("beat_entry_send_errors", "Sends of the entry that raised in beat (e.g. the broker "
-                      "unreachable): the run did not happen.", "entry", "name", source=HOOK)
+                      "unreachable): the run did not happen.", "entry", "name")
 LAST_SUCCESS = gauge("beat_entry_last_run_success", "1 when the entry's last finished run succeeded, 0 when it "
-                     "failed, was retried, revoked or rejected; absent until one finished.", "entry", "name",
-                     source=HOOK)
+                     "failed, was retried, revoked or rejected; absent until one finished.", "entry", "name")
 LAST_DURATION = gauge("beat_entry_last_run_duration_seconds", "Run time of the entry's last finished run.",
-                      "entry", "name", source=HOOK)
+                      "entry", "name")
 INFO = gauge("beat_entry_info", "1 for each entry a beat schedules, with its schedule in words (`every 30 seconds`, "
-             "`crontab 0 4 * * *`: minute hour day-of-month month day-of-week).", "entry", "name", "schedule",
-             source=HOOK)
+             "`crontab 0 4 * * *`: minute hour day-of-month month day-of-week).", "entry", "name", "schedule")
 HOOK_ERRORS = counter("beat_hook_errors", "The beat hook's own failures by stage (ship = events not sent, the broker "
-                      "being unreachable; others = hook bugs, swallowed). Never raised into beat.", "beat", "stage",
-                      source=HOOK)
+                      "being unreachable; others = hook bugs, swallowed). Never raised into beat.", "beat", "stage")
 
 DEFINITIONS = (UP, INSTANCES, RUNS, LAST_RUN, NEXT_RUN, MISSED, DUPLICATES, FAILURES, SEND_ERRORS, LAST_SUCCESS,
                LAST_DURATION, INFO, HOOK_ERRORS)

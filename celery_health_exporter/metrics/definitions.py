@@ -17,7 +17,6 @@ class MetricDef:
     kind: str  # counter | gauge | histogram | info
     help: str
     labels: tuple = ()
-    source: str = "events"  # which source feeds it (for the docs)
     # A family named by another tool (Flower's flower_*) keeps its name whatever --metric-prefix says.
     prefix: str | None = None
 
@@ -30,16 +29,16 @@ class MetricDef:
         return f"{self.family_name(prefix)}{suffix}"
 
 
-def counter(name: str, help: str, *labels: str, source: str = "events", prefix: str | None = None) -> MetricDef:
-    return MetricDef(name, "counter", help, labels, source, prefix)
+def counter(name: str, help: str, *labels: str, prefix: str | None = None) -> MetricDef:
+    return MetricDef(name, "counter", help, labels, prefix)
 
 
-def gauge(name: str, help: str, *labels: str, source: str = "events", prefix: str | None = None) -> MetricDef:
-    return MetricDef(name, "gauge", help, labels, source, prefix)
+def gauge(name: str, help: str, *labels: str, prefix: str | None = None) -> MetricDef:
+    return MetricDef(name, "gauge", help, labels, prefix)
 
 
-def histogram(name: str, help: str, *labels: str, source: str = "events", prefix: str | None = None) -> MetricDef:
-    return MetricDef(name, "histogram", help, labels, source, prefix)
+def histogram(name: str, help: str, *labels: str, prefix: str | None = None) -> MetricDef:
+    return MetricDef(name, "histogram", help, labels, prefix)
 
 
 _AREA_MODULES = (

@@ -14,10 +14,9 @@ MALFORMED = counter("exporter_events_malformed", "Event messages or events that 
                     "not the event, except where state/events.py says otherwise.", "reason")
 EVENT_LAG = histogram("exporter_event_lag_seconds",
                       "Seconds between an event's timestamp (corrected with its utcoffset) and its processing.")
-SOURCE_UP = gauge("exporter_source_up", "1 when the source's last attempt to read succeeded.", "source",
-                  source="all")
+SOURCE_UP = gauge("exporter_source_up", "1 when the source's last attempt to read succeeded.", "source")
 SOURCE_LAST_SUCCESS = gauge("exporter_source_last_success_timestamp_seconds",
-                            "Unix time of the source's last successful read.", "source", source="all")
+                            "Unix time of the source's last successful read.", "source")
 SOURCE_FAILURES = counter("exporter_source_failures", "Failed reads of the source (connection, protocol or "
                           "permission errors of the broker or the host; every retry during an outage counts): a "
                           "flapping source shows here while celery_exporter_source_up may look fine.", "source")
@@ -42,8 +41,7 @@ TRACKED = gauge("exporter_tracked_tasks", "Tasks in the in-flight table (bounded
 EVICTED = counter("exporter_tracked_tasks_evicted", "In-flight tasks dropped from the table because it was full.")
 VANISHED = counter("exporter_tracked_tasks_vanished", "Started tasks dropped from the in-flight table because their "
                    "worker's `inspect active` no longer listed them and no terminal event came although the "
-                   "worker's later events did: the event was lost (or went to another sharded replica).",
-                   source="inspect")
+                   "worker's later events did: the event was lost (or went to another sharded replica).")
 UNATTRIBUTED = counter("exporter_unattributed_task_events", "Worker events of tasks whose task-sent did not "
                        "come within --task-sent-grace, applied with what was known without it: name=\"unknown\" "
                        "for events that name no task (e.g. task-revoked of an expired task), queue_name=\"unknown\" "

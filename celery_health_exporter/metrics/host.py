@@ -3,27 +3,24 @@ from __future__ import annotations
 
 from .definitions import counter, gauge
 
-HOST = "host agent"
 ROLE_LABELS = ("hostname", "role")
 
 PROCESSES = gauge("host_worker_processes", "Worker processes of the node on this host: role=main (the worker "
-                  "itself) or child (its pool processes). Orphans are not included.", *ROLE_LABELS, source=HOST)
-RSS = gauge("host_worker_rss_bytes", "Resident memory of the node's processes, summed per role.", *ROLE_LABELS,
-            source=HOST)
+                  "itself) or child (its pool processes). Orphans are not included.", *ROLE_LABELS)
+RSS = gauge("host_worker_rss_bytes", "Resident memory of the node's processes, summed per role.", *ROLE_LABELS)
 CPU = counter("host_worker_cpu_seconds", "CPU time (user + system) of the node's processes per role, including "
-              "pool children that have exited since the agent saw them.", *ROLE_LABELS, source=HOST)
+              "pool children that have exited since the agent saw them.", *ROLE_LABELS)
 CHILD_RSS_MIN = gauge("host_child_rss_min_bytes", "RSS of the node's smallest pool child: near "
-                      "max_memory_per_child, every child is recycled after a few tasks.", "hostname", source=HOST)
-CHILD_RSS_MAX = gauge("host_child_rss_max_bytes", "RSS of the node's largest pool child.", "hostname", source=HOST)
+                      "max_memory_per_child, every child is recycled after a few tasks.", "hostname")
+CHILD_RSS_MAX = gauge("host_child_rss_max_bytes", "RSS of the node's largest pool child.", "hostname")
 CHILD_SPAWNS = counter("host_child_spawns", "Pool children seen for the first time (by pid and create time), "
                        "including those running at the agent's first scan: its rate shows a recycle storm.",
-                       "hostname", source=HOST)
+                       "hostname")
 ORPHANS = gauge("host_orphaned_processes", "Celery worker processes whose worker main process is gone "
-                "(re-parented to init or a subreaper) or that belong to no live worker.", source=HOST)
-ORPHAN_RSS = gauge("host_orphaned_rss_bytes", "Resident memory held by the orphaned worker processes.", source=HOST)
-SCAN_DURATION = gauge("host_scan_duration_seconds", "Wall time of the host agent's last process-table scan.",
-                      source=HOST)
-SCANNED = gauge("host_scanned_processes", "Processes in the host's process table at the last scan.", source=HOST)
+                "(re-parented to init or a subreaper) or that belong to no live worker.")
+ORPHAN_RSS = gauge("host_orphaned_rss_bytes", "Resident memory held by the orphaned worker processes.")
+SCAN_DURATION = gauge("host_scan_duration_seconds", "Wall time of the host agent's last process-table scan.")
+SCANNED = gauge("host_scanned_processes", "Processes in the host's process table at the last scan.")
 
 DEFINITIONS = (PROCESSES, RSS, CPU, CHILD_RSS_MIN, CHILD_RSS_MAX, CHILD_SPAWNS, ORPHANS, ORPHAN_RSS,
                SCAN_DURATION, SCANNED)

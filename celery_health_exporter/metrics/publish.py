@@ -3,22 +3,21 @@ from __future__ import annotations
 
 from .definitions import counter, histogram
 
-HOOK = "publisher hook"
 
 PUBLISHES = counter("publish", "Task publishes (send_task_message calls), successful or not, summed over the "
-                    "publisher's processes.", "publisher", source=HOOK)
+                    "publisher's processes.", "publisher")
 RETRIES = counter("publish_retries", "Publish retries: calls of the retry policy's errback (kombu calls it on "
-                  "each retry and on each failed reconnect).", "publisher", source=HOOK)
+                  "each retry and on each failed reconnect).", "publisher")
 FAILURES = counter("publish_failures", "Publishes that raised after their retries ran out, by exception class.",
-                   "publisher", "exception", source=HOOK)
+                   "publisher", "exception")
 EXCEEDED = counter("publish_retry_policy_exceeded", "Publishes that retried more often than their "
                    "task_publish_retry_policy allows (errback calls > max_retries + 1), counted while they retry.",
-                   "publisher", source=HOOK)
+                   "publisher")
 DURATION = histogram("publish_duration_seconds", "Duration of task publishes, retries included (buckets set in "
-                     "the hook).", "publisher", source=HOOK)
+                     "the hook).", "publisher")
 HOOK_ERRORS = counter("publish_hook_errors", "The hook's own failures by stage (ship = totals not sent, the broker "
                       "being unreachable; others = hook bugs, swallowed). Never raised into the application.",
-                      "publisher", "stage", source=HOOK)
+                      "publisher", "stage")
 
 DEFINITIONS = (PUBLISHES, RETRIES, FAILURES, EXCEEDED, DURATION, HOOK_ERRORS)
 

@@ -7,57 +7,53 @@ Q = "queue_name"
 BOTH, RABBITMQ, REDIS = "rabbitmq, redis", "rabbitmq", "redis"
 
 LENGTH = gauge("queue_length", "Messages ready in the queue, waiting for a consumer (RabbitMQ messages_ready; "
-               "Redis: LLEN of the queue plus its priority sub-queues).", Q, source=BOTH)
+               "Redis: LLEN of the queue plus its priority sub-queues).", Q)
 LENGTH_BY_PRIORITY = gauge("queue_length_by_priority", "Messages ready in the queue per priority step "
-                           "(Redis priority sub-queues; kombu floors a priority to its step).", Q, "priority",
-                           source=REDIS)
+                           "(Redis priority sub-queues; kombu floors a priority to its step).", Q, "priority")
 UNACKED = gauge("queue_unacked", "Messages delivered to a consumer and not yet acknowledged (Redis: entries of "
-                "the `unacked` hash attributed by routing key; see celery_broker_unacked_sampled).", Q,
-                source=BOTH)
+                "the `unacked` hash attributed by routing key; see celery_broker_unacked_sampled).", Q)
 OLDEST_UNACKED_AGE = gauge("queue_oldest_unacked_age_seconds", "Seconds since the oldest unacknowledged "
                            "message of the queue was delivered (Redis). Past celery_broker_visibility_timeout_seconds"
-                           " kombu re-delivers it: the task runs twice.", Q, source=REDIS)
+                           " kombu re-delivers it: the task runs twice.", Q)
 VISIBILITY_TIMEOUT = gauge("broker_visibility_timeout_seconds", "Redis transport visibility_timeout the "
                            "exporter was given (kombu default 3600): unacked messages older than this are "
-                           "re-delivered.", source=REDIS)
+                           "re-delivered.")
 UNACKED_SAMPLED = gauge("broker_unacked_sampled", "1 when celery_queue_unacked was scaled up from a sample of the "
-                        "Redis `unacked` hash (more entries than the scan budget), 0 when counted exactly.",
-                        source=REDIS)
+                        "Redis `unacked` hash (more entries than the scan budget), 0 when counted exactly.")
 CONSUMERS = gauge("active_consumer_count", "Consumers of the queue (RabbitMQ: the broker's count; Redis: workers "
                   "whose active_queues include it in the last remote-control poll, 0 when no worker answered; "
                   "absent while that is unknown, see celery_broker_consumers_known). 0 with messages waiting = a "
-                  "black hole.", Q, source=BOTH)
+                  "black hole.", Q)
 ACTIVE_WORKERS = gauge("active_worker_count", "Live workers whose active_queues include the queue, from the last "
                        "remote-control poll (prometheus-exporter-celery's family). 0 for a queue the broker or an "
                        "earlier poll named that no live worker consumes; absent while that is unknown (see "
-                       "celery_broker_consumers_known).", Q, source="inspect")
+                       "celery_broker_consumers_known).", Q)
 ACTIVE_PROCESSES = gauge("active_process_count", "Pool processes of those workers (inspect stats; a worker "
                          "without child processes, e.g. --pool solo or threads, adds 0, as in "
-                         "prometheus-exporter-celery).", Q, source="inspect")
+                         "prometheus-exporter-celery).", Q)
 CONSUMERS_KNOWN = gauge("broker_consumers_known", "1 when celery_active_consumer_count is known for every queue: "
                         "always on RabbitMQ (the broker counts), on Redis while remote-control polls succeed "
-                        "(--inspect-interval > 0); 0 when it is unknown and the count absent.", source=BOTH)
+                        "(--inspect-interval > 0); 0 when it is unknown and the count absent.")
 UTILISATION = gauge("queue_consumer_utilisation", "Fraction of time the queue could deliver to its consumers at "
-                    "once (RabbitMQ consumer_utilisation; absent without consumers).", Q, source=RABBITMQ)
+                    "once (RabbitMQ consumer_utilisation; absent without consumers).", Q)
 PUBLISHED = counter("queue_messages_published", "Messages published into the queue, the broker's cumulative count "
-                    "(RabbitMQ message_stats.publish; 0 until the queue has activity).", Q, source=RABBITMQ)
+                    "(RabbitMQ message_stats.publish; 0 until the queue has activity).", Q)
 DELIVERED = counter("queue_messages_delivered", "Messages delivered to consumers, the broker's cumulative count "
-                    "(RabbitMQ message_stats.deliver_get).", Q, source=RABBITMQ)
+                    "(RabbitMQ message_stats.deliver_get).", Q)
 REDELIVERED = counter("queue_messages_redelivered", "Messages delivered again after a consumer failed to ack them "
-                      "(RabbitMQ message_stats.redeliver).", Q, source=RABBITMQ)
-ACKED = counter("queue_messages_acked", "Messages acknowledged by consumers (RabbitMQ message_stats.ack).", Q,
-                source=RABBITMQ)
+                      "(RabbitMQ message_stats.redeliver).", Q)
+ACKED = counter("queue_messages_acked", "Messages acknowledged by consumers (RabbitMQ message_stats.ack).", Q)
 DELIVERY_LIMIT = gauge("queue_delivery_limit", "RabbitMQ quorum queue: deliveries of a message after which the "
                        "broker drops or dead-letters it (x-delivery-limit argument or delivery-limit policy, the "
                        "lower). A task whose worker keeps dying while running it (acks_late) is lost there without "
                        "a Celery event; compare with celery_queue_messages_redelivered_total. Absent for classic "
-                       "queues and where no limit is set (RabbitMQ 4.x then applies 20).", Q, source=RABBITMQ)
+                       "queues and where no limit is set (RabbitMQ 4.x then applies 20).", Q)
 OLDEST_UNSTARTED = gauge("queue_oldest_unstarted_task_age_seconds", "Age of the oldest task sent or received but "
                          "not started, from events (from its ETA for ETA tasks; absent when none waits).", Q)
 BROKER_UP = gauge("broker_up", "1 when the last poll of the broker's queues succeeded; 0 while it fails (the queue "
-                  "numbers are then absent, not stale).", "broker", source=BOTH)
+                  "numbers are then absent, not stale).", "broker")
 CONNECTIONS = gauge("broker_connections", "Client connections to the broker's vhost (RabbitMQ management API); "
-                    "churn shows reconnect storms.", source=RABBITMQ)
+                    "churn shows reconnect storms.")
 
 DEFINITIONS = (LENGTH, LENGTH_BY_PRIORITY, UNACKED, OLDEST_UNACKED_AGE, VISIBILITY_TIMEOUT, UNACKED_SAMPLED,
                CONSUMERS, ACTIVE_WORKERS, ACTIVE_PROCESSES, CONSUMERS_KNOWN, UTILISATION, PUBLISHED, DELIVERED, REDELIVERED, ACKED, DELIVERY_LIMIT, OLDEST_UNSTARTED, BROKER_UP,

@@ -29,30 +29,28 @@ OLDEST_ACTIVE = gauge("worker_oldest_active_task_age_seconds", "Age of the longe
 STALLED = gauge("worker_stalled", "1 when the worker holds active tasks and has finished none for --stall-after "
                 "seconds (a deadlocked task holding its messages), else 0.", "hostname")
 POOL_PROCESSES = gauge("worker_pool_processes", "Pool child processes, from inspect stats (prefork only).",
-                       "hostname", source="inspect")
-MAX_CONCURRENCY = gauge("worker_pool_max_concurrency", "Pool max concurrency, from inspect stats.", "hostname",
-                        source="inspect")
+                       "hostname")
+MAX_CONCURRENCY = gauge("worker_pool_max_concurrency", "Pool max concurrency, from inspect stats.", "hostname")
 PREFETCH_COUNT = gauge("worker_prefetch_count", "The worker's current prefetch count, from inspect stats.",
-                       "hostname", source="inspect")
+                       "hostname")
 CHILD_REPLACEMENTS = counter(
     "worker_child_replacements",
     "Pool children that were replaced. reason=memory|tasks|signal|error with the worker hook (exact); "
     "reason=unknown without it: new child pids seen between two inspect polls, a lower bound.",
-    "hostname", "reason", source="inspect")
+    "hostname", "reason")
 CHILD_TASKS = histogram("worker_child_tasks", "Tasks a pool child ran before it was replaced (worker hook).",
-                        "hostname", source="hook")
+                        "hostname")
 CHILD_PEAK_RSS = gauge("worker_child_peak_rss_bytes", "Largest peak RSS (ru_maxrss, what billiard compares with "
-                       "max_memory_per_child) of the last 5 children that exited (worker hook).", "hostname",
-                       source="hook")
+                       "max_memory_per_child) of the last 5 children that exited (worker hook).", "hostname")
 MAX_TASKS_PER_CHILD = gauge("worker_max_tasks_per_child", "max_tasks_per_child in effect, 0 = none (exact with the "
-                            "hook; from inspect stats otherwise).", "hostname", source="inspect")
+                            "hook; from inspect stats otherwise).", "hostname")
 MAX_MEMORY_PER_CHILD = gauge("worker_max_memory_per_child_bytes", "max_memory_per_child in effect, 0 = none "
                              "(exact with the hook; without it only a value set in configuration is visible).",
-                             "hostname", source="inspect")
+                             "hostname")
 REVOKED = gauge("worker_revoked_tasks", "Size of the worker's revoked set (hook, or inspect revoked with "
-                "--revoked-interval).", "hostname", source="inspect")
+                "--revoked-interval).", "hostname")
 REVOKED_LIMIT = gauge("worker_revoked_tasks_limit", "maxlen of the worker's revoked set (worker hook).",
-                      "hostname", source="hook")
+                      "hostname")
 
 DEFINITIONS = (UP, TASKS_ACTIVE, INFO, HEARTBEAT_AGE, PROCESSED, START_TIME, RESTARTS, UNCLEAN, UNRECOVERABLE,
                PREFETCHED,
