@@ -69,7 +69,6 @@ class ClusterState(WorkerEvents, TaskTable, RemoteControlData):
         unknown_queue: str = UNKNOWN,
         caps: CardinalityCaps | None = None,
         utcoffset: float | None = None,
-        now: float | None = None,
     ):
         self.lock = threading.Lock()
         # Label values come from whoever writes to the broker: bounded, the excess folded into "other".

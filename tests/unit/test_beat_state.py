@@ -33,7 +33,7 @@ def sent(ts, seq, due, *, entry="job", task="tests.job", task_id=None, period=10
 
 @pytest.fixture
 def state():
-    s = ClusterState(utcoffset=0, now=NOW, purge_offline_after=600)
+    s = ClusterState(utcoffset=0, purge_offline_after=600)
     s.beat.timeout = 5.0
     s.beat.missed_grace = 2.0
     return s

@@ -72,7 +72,7 @@ def test_bad_cap_flags_name_the_flag(flag, value, capsys):
 
 
 def test_folds_are_exposed_per_label_from_zero():
-    state = ClusterState(now=0.0)
+    state = ClusterState()
     state.cardinality = CardinalityCaps(workers=2)  # what ClusterState will hold once the model is wired
     collector = StateCollector(state, [], prefix="celery_")
 

@@ -15,7 +15,7 @@ WRAPPED_TRACEBACK = ('\n"""\nTraceback (most recent call last):\n  File "billiar
 
 @pytest.fixture
 def state():
-    s = ClusterState(worker_timeout=10, lost_task_grace=5, utcoffset=0, now=T0)
+    s = ClusterState(worker_timeout=10, lost_task_grace=5, utcoffset=0)
     s.apply(ev("worker-online", pid=1), T0)
     s.apply(ev("task-received", uuid="t", name="app.pay"), T0)
     s.apply(ev("task-started", uuid="t"), T0)

@@ -13,7 +13,7 @@ W2 = "w2@h"
 
 @pytest.fixture
 def state():
-    s = ClusterState(worker_timeout=10, stall_after=60, lost_task_grace=5, utcoffset=0, now=T0)
+    s = ClusterState(worker_timeout=10, stall_after=60, lost_task_grace=5, utcoffset=0)
     s.broker.configure(kind="redis", broker="redis://x/0")
     s.broker.replace(QueuesSnapshot(queues={}, taken_at=T0))
     return s
@@ -112,7 +112,7 @@ def test_queue_black_hole_and_unacked_near_visibility_timeout(state):
 
 
 def test_no_broker_poller_is_said(state):
-    plain = ClusterState(utcoffset=0, now=T0)
+    plain = ClusterState(utcoffset=0)
     assert kinds(diagnose(plain, T0))["no_queue_source"].severity == "info"
 
 

@@ -29,7 +29,7 @@ class Both:
     def __init__(self, caps=None, **state_options):
         self.run = uuid.uuid4().hex[:8]
         self.flower = EventsState(max_tasks_in_memory=10_000)
-        self.state = ClusterState(utcoffset=0, now=T0, caps=caps, **state_options)
+        self.state = ClusterState(utcoffset=0, caps=caps, **state_options)
         self.state.flower = FlowerState(self.state)
         self.clock = itertools.count(1)
         self.now = T0
@@ -218,7 +218,7 @@ def test_label_values_are_capped_like_ours():
 
 
 def test_tasks_in_flight_are_bounded():
-    state = ClusterState(utcoffset=0, now=T0, max_tracked_tasks=10)
+    state = ClusterState(utcoffset=0, max_tracked_tasks=10)
     flower = FlowerState(state)
     for n in range(50):
         state.apply({"type": "task-received", "uuid": f"u{n}", "name": "app.a", "hostname": "w@h",
@@ -227,7 +227,7 @@ def test_tasks_in_flight_are_bounded():
 
 
 def test_absent_without_the_flag_and_named_without_the_prefix():
-    state = ClusterState(utcoffset=0, now=T0)
+    state = ClusterState(utcoffset=0)
     state.apply({"type": "worker-heartbeat", "hostname": "w@h", "timestamp": T0, "utcoffset": 0, "active": 0}, T0)
     assert "flower_" not in StateCollector(state, []).render()
     state.flower = FlowerState(state)

@@ -99,7 +99,7 @@ def fuzz_main() -> None:  # pragma: no cover - runs in a subprocess under atheri
 
     def one_input(data: bytes) -> None:
         fdp = atheris.FuzzedDataProvider(data)
-        state = ClusterState(now=now, utcoffset=0.0, max_tracked_tasks=8)
+        state = ClusterState(utcoffset=0.0, max_tracked_tasks=8)
         kind = fdp.ConsumeIntInRange(0, 2)
         if kind == SUBSCRIPTION:
             cut = fdp.ConsumeIntInRange(0, 255)

@@ -122,7 +122,7 @@ action = (any_event.map(lambda e: ("event", e))
 # ------------------------------------------------------------------ helpers
 
 def fresh_state() -> ClusterState:
-    state = ClusterState(now=NOW, utcoffset=0.0, runtime_buckets=(0.1, 1, 10), queue_wait_buckets=(0.1, 1, 10))
+    state = ClusterState(utcoffset=0.0, runtime_buckets=(0.1, 1, 10), queue_wait_buckets=(0.1, 1, 10))
     state.broker.configure(kind="amqp", broker="amqp://test")
     return state
 

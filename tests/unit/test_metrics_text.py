@@ -12,7 +12,7 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture
 def collector():
-    state = ClusterState(runtime_buckets=(0.1, 1, 10), queue_wait_buckets=(1,), utcoffset=0, now=T0)
+    state = ClusterState(runtime_buckets=(0.1, 1, 10), queue_wait_buckets=(1,), utcoffset=0)
     for i, host in enumerate(["w1@h", 'we"ird\\host\nname@h']):
         state.apply({"type": "worker-heartbeat", "hostname": host, "timestamp": T0, "utcoffset": 0, "freq": 2,
                      "active": 1, "processed": 3, "pid": 10 + i, "sw_ident": "py-celery", "sw_ver": "5.7.0",
@@ -108,8 +108,8 @@ def _families(text):
 
 
 def test_histograms_without_hostname_are_one_series_per_name_and_queue_over_all_workers():
-    per_worker = ClusterState(runtime_buckets=(1, 10), queue_wait_buckets=(1,), utcoffset=0, now=T0)
-    shared = ClusterState(runtime_buckets=(1, 10), queue_wait_buckets=(1,), utcoffset=0, now=T0,
+    per_worker = ClusterState(runtime_buckets=(1, 10), queue_wait_buckets=(1,), utcoffset=0)
+    shared = ClusterState(runtime_buckets=(1, 10), queue_wait_buckets=(1,), utcoffset=0,
                           task_histograms_by_worker=False)
     for state in (per_worker, shared):
         _run_tasks(state, ["w1@h", "w2@h", "w3@h"], ["app.a", "app.b"])
@@ -151,7 +151,7 @@ def test_label_cache_forgets_series_that_are_gone():
 
 
 def test_counter_columns_survive_percent_signs_and_new_flows_between_scrapes():
-    state = ClusterState(runtime_buckets=(1,), queue_wait_buckets=(1,), utcoffset=0, now=T0)
+    state = ClusterState(runtime_buckets=(1,), queue_wait_buckets=(1,), utcoffset=0)
     _run_tasks(state, ["w1@h"], ["app.%d%s%%"])
     collector = StateCollector(state, [])
     first = _families(collector.render())["celery_task_succeeded"].samples
@@ -173,7 +173,7 @@ def test_gzip_only_when_the_scraper_accepts_it(header, expected):
 
 
 def test_families_without_series_are_not_written():
-    state = ClusterState(runtime_buckets=(1,), queue_wait_buckets=(1,), utcoffset=0, now=T0)
+    state = ClusterState(runtime_buckets=(1,), queue_wait_buckets=(1,), utcoffset=0)
     text = StateCollector(state, []).render()
     assert "celery_task_failed" not in text and "celery_task_runtime" not in text
     assert all(family.samples for family in _families(text).values())

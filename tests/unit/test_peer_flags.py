@@ -122,7 +122,7 @@ def run(state, uuid, at, *, worker="celery@w1", publisher="gen42@web-1", queue="
 def fresh(**options):
     now = float(int(time.time()) - 100)  # whole seconds: an ETA is written to the second below
     options.setdefault("task_histograms_by_worker", False)  # the daemon's default
-    return ClusterState(queue_wait_buckets=(1, 5, 10), utcoffset=0, now=now, **options), now
+    return ClusterState(queue_wait_buckets=(1, 5, 10), utcoffset=0, **options), now
 
 
 def test_task_sent_is_labelled_with_the_publishers_host_or_generic():

@@ -30,7 +30,7 @@ def totals(state, publisher="web-1"):
 
 @pytest.fixture
 def state():
-    return ClusterState(utcoffset=0, now=NOW, purge_offline_after=600)
+    return ClusterState(utcoffset=0, purge_offline_after=600)
 
 
 def test_the_handler_is_registered_and_totals_are_kept(state):

@@ -19,7 +19,7 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture
 def state():
-    return ClusterState(worker_timeout=10, purge_offline_after=100, utcoffset=0, now=T0)
+    return ClusterState(worker_timeout=10, purge_offline_after=100, utcoffset=0)
 
 
 def scrape(state) -> Metrics:

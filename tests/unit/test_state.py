@@ -15,7 +15,7 @@ def ev(kind, **fields):
 @pytest.fixture
 def state():
     return ClusterState(worker_timeout=10, purge_offline_after=100, runtime_buckets=(1, 5),
-                        queue_wait_buckets=(1, 5), max_tracked_tasks=3, utcoffset=0, now=T0)
+                        queue_wait_buckets=(1, 5), max_tracked_tasks=3, utcoffset=0)
 
 
 def run_task(state, uuid, *, name="app.add", host="w1@h", queue="q1", outcome="task-succeeded", **extra):

@@ -14,7 +14,7 @@ PUBLISHER = "web@h"
 
 @pytest.fixture
 def state():
-    s = ClusterState(worker_timeout=1000, utcoffset=0, task_sent_grace=GRACE, now=T0)
+    s = ClusterState(worker_timeout=1000, utcoffset=0, task_sent_grace=GRACE)
     s.apply(ev("worker-online", pid=1), T0)
     return s
 
@@ -86,7 +86,7 @@ def test_memory_is_bounded_the_oldest_held_event_counts_at_once(state, monkeypat
 
 
 def test_grace_zero_counts_at_once():
-    state = ClusterState(utcoffset=0, task_sent_grace=0, now=T0)
+    state = ClusterState(utcoffset=0, task_sent_grace=0)
     state.apply(revoked_expired("z"), T0)
     assert state.expired == {("unknown", "unknown"): 1}
 

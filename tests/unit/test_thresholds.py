@@ -115,7 +115,7 @@ def test_durations():
 
 # ------------------------------------------------------------------------- findings at the edge
 def fresh():
-    s = ClusterState(worker_timeout=10, stall_after=60, lost_task_grace=5, utcoffset=0, now=T0)
+    s = ClusterState(worker_timeout=10, stall_after=60, lost_task_grace=5, utcoffset=0)
     s.broker.configure(kind="redis", broker="redis://x/0")
     s.broker.replace(QueuesSnapshot(queues={}, taken_at=T0))
     return s

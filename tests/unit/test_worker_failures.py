@@ -9,7 +9,7 @@ from .events import T0, W, ev
 @pytest.fixture
 def state():
     return ClusterState(worker_timeout=10, purge_offline_after=1000, stall_after=60, lost_task_grace=5,
-                        utcoffset=0, now=T0)
+                        utcoffset=0)
 
 
 def online(state, now, pid):
@@ -177,7 +177,7 @@ def test_hook_counters_become_deltas_that_survive_a_worker_restart(state):
 def test_cardinality_caps_fold_workers_names_queues_and_exceptions_into_other():
     from celery_health_exporter.state.cardinality import CardinalityCaps
 
-    state = ClusterState(caps=CardinalityCaps(task_names=2, workers=2, queues=2, exceptions=1), utcoffset=0, now=T0)
+    state = ClusterState(caps=CardinalityCaps(task_names=2, workers=2, queues=2, exceptions=1), utcoffset=0)
     for i in range(50):  # a flood of random worker names with their own pids
         state.apply(ev("worker-heartbeat", hostname=f"rnd{i}@h", pid=i, freq=2, processed=0), T0 + i)
         state.apply(ev("task-sent", hostname="gen@h", uuid=f"t{i}", name=f"app.t{i}", queue=f"q{i}"), T0 + i)
