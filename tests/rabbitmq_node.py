@@ -266,6 +266,7 @@ class RabbitMQNode:
     def ctl(self, *args: str, timeout: float = 60) -> str:
         """rabbitmqctl against this node (a few seconds each: an Erlang VM starts)."""
         result = subprocess.run([str(SBIN / "rabbitmqctl"), "-n", self.name, *args], env=self._env(),
+                                cwd=self.base,  # where an Erlang VM that fails writes its erl_crash.dump
                                 capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")

@@ -11,6 +11,7 @@ import html
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -120,6 +121,7 @@ def test_a_wrong_ca_or_host_name_is_one_line_of_reason_and_the_exporter_stays_up
         "no client certificate": (node.amqps_url(node.user, node.password), "--broker-ssl-option",
                                   f"ca_certs={node.pki.ca}", "--broker-ssl-option", "cert_reqs=CERT_REQUIRED"),
     }
+    started = time.monotonic()
     # started together, judged together: their retries run in parallel
     exporters = {case: make_exporter(*args[case], *FAST, wait=False) for case in FAILURES}
     for case, exporter in exporters.items():
@@ -146,6 +148,14 @@ def test_a_wrong_ca_or_host_name_is_one_line_of_reason_and_the_exporter_stays_up
         assert api_reason in log and events_reason in log
         for where, text in (("log", log), ("/", exporter.get("/")[1]), ("/metrics", m.text)):
             assert not leaks(node, text), f"a secret leaked into {where} ({case})"
+    # retried, not in a tight loop: at most one failed attempt per second and source (events and
+    # remote control back off from 1 s, the poller polls every 1 s here)
+    seconds = time.monotonic() - started
+    for case, exporter in exporters.items():
+        failures = {labels["source"]: v for labels, v in
+                    exporter.scrape().find("celery_exporter_source_failures_total")}
+        assert all(1 <= failures.get(source, 0) <= seconds + 1 for source in ("events", "rabbitmq", "inspect")), \
+            (case, failures, seconds)
 
 
 @pytest.mark.parametrize("case", ["ssl options in an amqps URL", "unreadable management CA file"])
