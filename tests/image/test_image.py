@@ -18,7 +18,7 @@ import bcrypt
 import pytest
 
 from tests.harness import ROOT, Metrics, free_port, make_amqp_broker, make_redis_broker, wait_for
-from tests.unit.test_web_config import make_pki
+from tests.certs import make_pki
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 UID = 10001

@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 
 from tests.harness import ROOT, Metrics, free_port, make_redis_broker, wait_for
-from tests.unit.test_web_config import make_pki
+from tests.certs import make_pki
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-scrape-pw"

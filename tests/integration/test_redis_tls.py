@@ -15,7 +15,8 @@ import redis
 
 from tests.apps.testapp import client
 from tests.harness import HOST, ROOT, free_port, wait_for
-from tests.redis_servers import make_certificates, tls_redis
+from tests.certs import make_certificates
+from tests.redis_servers import tls_redis
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,7 @@ def test_events_queues_and_remote_control_over_verified_tls_with_a_client_certif
     assert "***@localhost" in pages["/"]
     for where, text in pages.items():
         assert password not in text, f"the Redis password leaked into {where}"
-        for line in certs.key_texts():
+        for line in certs.key_lines():
             assert line not in text, f"client key material leaked into {where}"
 
 

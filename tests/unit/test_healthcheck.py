@@ -27,7 +27,7 @@ from celery_health_exporter.healthcheck import (
     target_from,
 )
 from tests.harness import ROOT
-from tests.unit.test_web_config import make_pki
+from tests.certs import make_pki
 
 BROKER = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
 

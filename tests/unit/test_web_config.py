@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
-import ipaddress
 import ssl
 import statistics
 import time
@@ -19,71 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from celery_health_exporter.config import ConfigError
 from celery_health_exporter.web_config import BasicAuth, RateLimiter, load_web_config, middlewares, parse_duration
-
-# ------------------------------------------------------------------ a small PKI (also used by the integration test)
-
-
-def make_pki(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost, client certificates (SAN
-    scraper.test and other.test) from that CA, and one from a rogue CA. EC keys: fast."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key, path):
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-
-    def ca(cn):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        return key, cert
-
-    def leaf(issuer_key, issuer_cert, cn, sans, usage):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(issuer_key, hashes.SHA256()))
-        return key, cert
-
-    directory.mkdir(parents=True, exist_ok=True)
-    out = {}
-    ca_key, ca_cert = ca("test CA")
-    rogue_key, rogue_cert = ca("rogue CA")
-    out["ca"] = directory / "ca.crt"
-    out["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    leaves = {
-        "server": (ca_key, ca_cert, "127.0.0.1", [x509.DNSName("localhost"),
-                                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-                   ExtendedKeyUsageOID.SERVER_AUTH),
-        "client": (ca_key, ca_cert, "scraper", [x509.DNSName("scraper.test")], ExtendedKeyUsageOID.CLIENT_AUTH),
-        "other_client": (ca_key, ca_cert, "other", [x509.DNSName("other.test")], ExtendedKeyUsageOID.CLIENT_AUTH),
-        "rogue_client": (rogue_key, rogue_cert, "scraper", [x509.DNSName("scraper.test")],
-                         ExtendedKeyUsageOID.CLIENT_AUTH),
-    }
-    for label, (issuer_key, issuer_cert, cn, sans, usage) in leaves.items():
-        key, cert = leaf(issuer_key, issuer_cert, cn, sans, usage)
-        out[f"{label}_crt"] = directory / f"{label}.crt"
-        out[f"{label}_key"] = directory / f"{label}.key"
-        out[f"{label}_crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        write_key(key, out[f"{label}_key"])
-    return out
-
+from tests.certs import make_pki
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
