@@ -14,19 +14,17 @@ Tests take the version as ``worker_celery`` with ``@each_worker_celery``; their 
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import pytest
+
+from tests.cached_venvs import cached_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,9 +35,6 @@ NEWEST = "newest"  # the machine's Python, whatever pyproject.toml let pip insta
 # What `worker_celery` takes: the newest and the oldest.
 WORKER_CELERY = [NEWEST, OLDEST["celery"]]
 
-CACHE = Path(os.environ.get("CELERY_HEALTH_EXPORTER_TEST_CACHE",
-                            Path.home() / ".cache" / "celery-health-exporter-tests"))
-BUILD_TIMEOUT = 600
 
 
 def newest_version() -> str:
@@ -86,82 +81,24 @@ json.dump({name: version(name) for name in sys.argv[1:]}, sys.stdout)
 """
 
 
-def _verify(python: Path) -> str | None:
-    """None when the venv has exactly the pins and the hooks import; else why not."""
-    if not python.exists():
-        return f"{python} does not exist"
-    # from a neutral directory: the installed copy of the project, not the work tree
-    proc = subprocess.run([str(python), "-c", _VERIFY, *OLDEST], capture_output=True, text=True,
-                          cwd=tempfile.gettempdir(), timeout=120)
-    if proc.returncode != 0:
-        return f"imports fail in {python}:\n{proc.stderr.strip()[-3000:]}"
-    found = json.loads(proc.stdout)
-    if found != OLDEST:
-        return f"{python} has {found}, wanted exactly {OLDEST}"
-    return None
-
-
-def _build(venv: Path, log: Path) -> None:
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        def run(*args):
-            out.write(f"$ {' '.join(map(str, args))}\n")
-            out.flush()
-            proc = subprocess.run([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=BUILD_TIMEOUT, cwd=tempfile.gettempdir())
-            if proc.returncode != 0:
-                raise RuntimeError(f"building the Celery {OLDEST['celery']} test venv failed "
-                                   f"({' '.join(map(str, args[:4]))}...); see {log}:\n"
-                                   + log.read_text(errors="replace")[-3000:])
-
-        run(sys.executable, "-m", "venv", venv)
-        # A copy of the sources: building in the work tree would race other test runs
-        # and the editable install's egg-info there.
-        with tempfile.TemporaryDirectory(prefix="che-src-") as src:
-            for name in ("pyproject.toml", "README.md"):
-                shutil.copy2(ROOT / name, src)
-            shutil.copytree(ROOT / "celery_health_exporter", Path(src) / "celery_health_exporter",
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            constraints = Path(src) / "constraints.txt"  # pip may not move these, as a dependency or not
-            constraints.write_text("".join(f"{name}=={version}\n" for name, version in OLDEST.items()))
-            run(venv / "bin" / "python", "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                "-c", constraints, src, *(f"{name}=={version}" for name, version in OLDEST.items()))
+def _install(run, python: Path) -> None:
+    # A copy of the sources: building in the work tree would race other test runs
+    # and the editable install's egg-info there.
+    with tempfile.TemporaryDirectory(prefix="che-src-") as src:
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, src)
+        shutil.copytree(ROOT / "celery_health_exporter", Path(src) / "celery_health_exporter",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        constraints = Path(src) / "constraints.txt"  # pip may not move these, as a dependency or not
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version in OLDEST.items()))
+        run(python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+            "-c", constraints, src, *(f"{name}=={version}" for name, version in OLDEST.items()))
 
 
 @functools.cache
 def oldest_python() -> str:
     """The python of a venv with exactly OLDEST and the project; built at most once per key."""
-    venv = CACHE / f"venv-{_key()}"
-    python = venv / "bin" / "python"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be building it right now
-        if (venv / "built.json").exists() and _verify(python) is None:
-            (venv / "built.json").touch()  # in use: see _prune
-            return str(python)
-        _build(venv, CACHE / f"{venv.name}.log")
-        problem = _verify(python)
-        if problem:
-            raise RuntimeError(f"the Celery {OLDEST['celery']} test venv is not what the pins say: {problem}")
-        (venv / "built.json").write_text(json.dumps(OLDEST))
-        _prune(keep=venv)
-        return str(python)
-
-
-def _prune(keep: Path, unused_for: float = 7 * 86400) -> None:
-    """Each pyproject.toml makes a venv of its own (~70 MB): drop those unused for a week."""
-    import time
-
-    for other in CACHE.glob("venv-*"):
-        if other == keep or not other.is_dir():
-            continue
-        marker = other / "built.json"
-        last_used = (marker if marker.exists() else other).stat().st_mtime
-        if time.time() - last_used > unused_for:
-            shutil.rmtree(other, ignore_errors=True)
-            for suffix in (".lock", ".log"):
-                (CACHE / f"{other.name}{suffix}").unlink(missing_ok=True)
+    return cached_python("venv-", _key(), f"Celery {OLDEST['celery']} test", OLDEST, _VERIFY, _install)
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,11 @@ Its wheel installs a package named ``src`` and no console script; its Docker ima
 """
 from __future__ import annotations
 
-import fcntl
 import functools
-import json
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from tests.celery_versions import BUILD_TIMEOUT, CACHE
+from tests.cached_venvs import cached_python
 
 # The release, with the dependencies its image runs (poetry.lock of the tag v0.11.2): its wheel's
 # ranges let pip take a kombu that needs a redis-py the wheel excludes, and not packaging, which
@@ -44,49 +39,15 @@ def _key() -> str:
     return f"py{sys.version_info.major}.{sys.version_info.minor}-{pins}"
 
 
-def _verify(python: Path) -> str | None:
-    if not python.exists():
-        return f"{python} does not exist"
-    proc = subprocess.run([str(python), "-c", _VERIFY, *DANIHODOVIC], capture_output=True, text=True,
-                          cwd=tempfile.gettempdir(), timeout=120)
-    if proc.returncode != 0:
-        return f"imports fail in {python}:\n{proc.stderr.strip()[-3000:]}"
-    found = json.loads(proc.stdout)
-    return None if found == DANIHODOVIC else f"{python} has {found}, wanted {DANIHODOVIC}"
-
-
-def _build(venv: Path, log: Path) -> None:
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        for args in ([sys.executable, "-m", "venv", str(venv)],
-                     [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                      "--no-input", *(f"{name}=={version}" for name, version in DANIHODOVIC.items())]):
-            out.write(f"$ {' '.join(args)}\n")
-            out.flush()
-            proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT,
-                                  cwd=tempfile.gettempdir())
-            if proc.returncode != 0:
-                raise RuntimeError(f"building the {DANIHODOVIC} venv failed; see {log}:\n"
-                                   + log.read_text(errors="replace")[-3000:])
+def _install(run, python: Path) -> None:
+    run(python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+        *(f"{name}=={version}" for name, version in DANIHODOVIC.items()))
 
 
 @functools.cache
 def danihodovic_python() -> str:
     """The python of a venv with the released prometheus-exporter-celery; built at most once per key."""
-    venv = CACHE / f"peer-{_key()}"
-    python = venv / "bin" / "python"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be building it right now
-        if (venv / "built.json").exists() and _verify(python) is None:
-            return str(python)
-        _build(venv, CACHE / f"{venv.name}.log")
-        problem = _verify(python)
-        if problem:
-            raise RuntimeError(f"the {DANIHODOVIC} venv is not what the pin says: {problem}")
-        (venv / "built.json").write_text(json.dumps(DANIHODOVIC))
-        return str(python)
+    return cached_python("peer-", _key(), f"{DANIHODOVIC}", DANIHODOVIC, _VERIFY, _install)
 
 
 def danihodovic_command() -> tuple[str, ...]:

@@ -43,3 +43,21 @@ def hold():
 def client(broker_url: str, use_ssl: dict | None = None, queue_type: str = "classic") -> Celery:
     """A publisher that declares queues as the workers do (a quorum queue redeclared classic is refused)."""
     return configure(Celery("rabbit-publisher", broker=broker_url, set_as_current=False), use_ssl, queue_type)
+
+
+def publish_workload(publisher: Celery, *, holes: int, hold: bool) -> None:
+    """What the RabbitMQ tests watch: three tasks on "work", ``holes`` on "hole" (a queue
+    nobody consumes) and, with ``hold``, one on "work" that stays delivered and unacked."""
+    for i in range(3):
+        publisher.send_task("rabbit.add", args=(i, i), queue="work")
+    for _ in range(holes):
+        publisher.send_task("rabbit.add", args=(0, 0), queue="hole")
+    if hold:
+        publisher.send_task("rabbit.hold", queue="work")
+
+
+def worked(m, hostname: str, *, holes: int) -> bool:
+    """The workload seen in a scrape: the three tasks counted, the hole's length, a consumer on "work"."""
+    return (m.value("celery_task_succeeded_total", name="rabbit.add", hostname=hostname, queue_name="work") == 3
+            and m.value("celery_queue_length", queue_name="hole") == holes
+            and m.value("celery_active_consumer_count", queue_name="work") == 1)

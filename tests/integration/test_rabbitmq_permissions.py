@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.apps.rabbitapp import client
+from tests.apps.rabbitapp import client, publish_workload, worked
 from tests.harness import HOST, wait_for
 from tests.rabbitmq_node import start_node
 
@@ -55,17 +55,12 @@ def test_with_the_documented_rights_events_queue_polls_and_remote_control_work(n
     make_worker(node.app_url, "least", app="tests.apps.rabbitapp", queues="work", concurrency=2)
     exporter = make_exporter(url, *FAST, "--rabbitmq-management-url", node.api_url)
     publisher = client(node.app_url)
-    for i in range(3):
-        publisher.send_task("rabbit.add", args=(i, i), queue="work")
-    publisher.send_task("rabbit.add", args=(0, 0), queue="hole")
+    publish_workload(publisher, holes=1, hold=False)
     hostname = f"least@{HOST}"
 
     def working():
         m = exporter.scrape()
-        return m if (m.value("celery_task_succeeded_total", name="rabbit.add", hostname=hostname,
-                             queue_name="work") == 3
-                     and m.value("celery_queue_length", queue_name="hole") == 1
-                     and m.value("celery_active_consumer_count", queue_name="work") == 1
+        return m if (worked(m, hostname, holes=1)
                      and m.value("celery_worker_pool_max_concurrency", hostname=hostname) == 2) else None
 
     m = wait_for(working, 60, 0.5, message="events, queue polls and remote control with the least rights")

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from tests.apps.rabbitapp import client
+from tests.apps.rabbitapp import client, publish_workload, worked
 from tests.harness import HOST, ROOT, free_port, wait_for
 from tests.rabbitmq_node import start_node
 
@@ -65,21 +65,14 @@ def test_events_queue_polls_and_remote_control_over_amqps_and_https(node, make_e
                              "--rabbitmq-management-url", api_url(node),
                              "--rabbitmq-management-ca-file", str(node.pki.ca))
     publisher = client(url, tls)
-    for i in range(3):
-        publisher.send_task("rabbit.add", args=(i, i), queue="work")
-    for _ in range(2):
-        publisher.send_task("rabbit.add", args=(0, 0), queue="hole")  # nobody consumes "hole"
-    publisher.send_task("rabbit.hold", queue="work")  # acks_late, never returns: stays unacked
+    publish_workload(publisher, holes=2, hold=True)
 
     hostname = f"tls@{HOST}"
 
     def seen():
         m = exporter.scrape()
-        return m if (m.value("celery_task_succeeded_total", name="rabbit.add", hostname=hostname,
-                             queue_name="work") == 3
-                     and m.value("celery_queue_length", queue_name="hole") == 2
+        return m if (worked(m, hostname, holes=2)
                      and m.value("celery_queue_unacked", queue_name="work") == 1
-                     and m.value("celery_active_consumer_count", queue_name="work") == 1
                      and m.value("celery_worker_pool_max_concurrency", hostname=hostname) == 2) else None
 
     m = wait_for(seen, 60, 0.5, message="task events, the HTTPS queue poll and inspect stats over TLS")
