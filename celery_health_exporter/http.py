@@ -26,22 +26,38 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-class SharedRenders:
-    """Scrapes that arrive while a render of the same format is under way get its result
-    instead of starting another: an HA pair of Prometheus servers scraping at the same
-    moment costs one render, and the CPU (and the GIL) a render would take twice stays
-    with event intake and the probes. The body is at most one render old."""
+# A body rendered less than this long ago serves the next scrapes too: at most one render
+# a second whatever the number of scrapers (an HA pair, a scrape_interval of 1s, a curl loop),
+# so that scraping cannot starve event intake of the GIL. Prometheus scrapes every 15-60 s:
+# a body a second old is as good as a new one.
+RENDER_REUSE_SECONDS = 1.0
 
-    def __init__(self):
+
+class SharedRenders:
+    """One render serves every scrape of the same format that arrives while it is under way
+    or within ``reuse_for`` seconds after it finished: the CPU (and the GIL) a render would
+    take again stays with event intake and the probes."""
+
+    def __init__(self, reuse_for: float = RENDER_REUSE_SECONDS):
+        self.reuse_for = reuse_for
         self._pending: dict[tuple, asyncio.Future] = {}
+        self._done: dict[tuple, tuple[float, bytes]] = {}  # key -> (when it finished, monotonic; body)
 
     async def get(self, key: tuple, render) -> bytes:
+        done = self._done.get(key)
+        if done is not None and time.monotonic() - done[0] < self.reuse_for:
+            return done[1]
         future = self._pending.get(key)
         if future is None:
             future = self._pending[key] = asyncio.ensure_future(asyncio.to_thread(render))
-            future.add_done_callback(lambda done: self._pending.pop(key, None))
+            future.add_done_callback(lambda finished: self._finished(key, finished))
         # shielded: a scraper that hangs up does not cancel the render the others wait for
         return await asyncio.shield(future)
+
+    def _finished(self, key: tuple, future: asyncio.Future) -> None:
+        self._pending.pop(key, None)
+        if not future.cancelled() and future.exception() is None:
+            self._done[key] = (time.monotonic(), future.result())
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -99,7 +99,7 @@ def test_probes_answer_while_the_state_lock_is_held(served):
     assert answers == {"/metrics": 200, "/": 200, "/api/findings": 200}
 
 
-def test_scrapes_that_arrive_during_a_render_share_it(served):
+def test_scrapes_that_arrive_during_a_render_or_just_after_share_it(served):
     exporter, base, _ = served
     renders, asked = [], []
     release = threading.Event()
@@ -131,5 +131,8 @@ def test_scrapes_that_arrive_during_a_render_share_it(served):
     assert len(renders) == 1
     assert [status for status, _ in bodies] == [200, 200, 200]
     assert bodies[0][1] == bodies[1][1] == bodies[2][1] and "celery_exporter_scrape_collector_success" in bodies[0][1]
+    assert http_get(base + "/metrics", timeout=30)[1] == bodies[0][1]  # just after it: the same body
+    assert len(renders) == 1
+    shared.reuse_for = 0
     http_get(base + "/metrics", timeout=30)
-    assert len(renders) == 2  # a scrape after it renders anew
+    assert len(renders) == 2  # later: a render of its own
