@@ -15,8 +15,9 @@ default flags (only --listen-address and --log-level WARNING given):
    buffers it; on Redis it is paced at ``--redis-rate``); events/s = events applied within a
    ``--window`` (counted by renders of its own, in another format than the scrapers'), alone,
    while two scrapers pull back to back (a flood: the exporter reuses a body for a second),
-   and while they scrape once a second each (15 times Prometheus' default rate); probe
-   latencies under storm and scrapes.
+   and while they scrape once a second each (15 times Prometheus' default rate) with no
+   prober; probe latencies under the storm and the back-to-back scrapers. The exporter's
+   CPU in each window (a share of a core) and per event say where the time went.
 
 Targets (issue 15): probe p99 <= 50 ms and max <= 250 ms while two scrapers pull;
 intake while scraped >= 90 % of intake alone. ``--compare`` also runs the same daemon with
@@ -45,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import IDLE_AFTER, AmqpBroker, CpuWatch, RedisBroker  # noqa: E402
+from benchmarks.run import IDLE_AFTER, AmqpBroker, CpuWatch, RedisBroker, proc_cpu  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 
 BROKERS = {"amqp": AmqpBroker, "redis": RedisBroker}
@@ -89,9 +90,10 @@ def _probe_loop(base: str, halt, results) -> None:
 class Load:
     """Two back-to-back scrapers (threads) and a prober (a process), until stopped."""
 
-    def __init__(self, base: str, every: float = 0.0):
+    def __init__(self, base: str, every: float = 0.0, probe: bool = True):
         self.base = base
         self.every = every  # seconds between a scraper's scrapes (0: back to back)
+        self.probe = probe
         self.halt = threading.Event()
         self.scrapes: list[tuple[float, float, int, int, float]] = []  # (end time, s, gz bytes, bytes, events)
         self.probes: list[float] = []
@@ -102,7 +104,8 @@ class Load:
                                                args=(base, self._probe_halt, self._probe_results))
 
     def __enter__(self):
-        self._prober.start()
+        if self.probe:
+            self._prober.start()
         for thread in self.threads:
             thread.start()
         return self
@@ -110,8 +113,9 @@ class Load:
     def __exit__(self, *exc):
         self.halt.set()
         self._probe_halt.set()
-        self.probes = self._probe_results.get(timeout=60)
-        self._prober.join(10)
+        if self.probe:
+            self.probes = self._probe_results.get(timeout=60)
+            self._prober.join(10)
         for thread in self.threads:
             thread.join(60)
 
@@ -218,9 +222,9 @@ def run_broker(kind: str, variant: str, args, log_dir: Path) -> dict:
         # Intake: events applied per second within a window while a storm keeps the exporter
         # behind (a backlog in RabbitMQ, or Redis paced), alone and under two kinds of scraping.
         tasks = args.amqp_tasks if kind == "amqp" else args.redis_tasks
-        for seed, (phase, every) in enumerate((("alone", None), ("while_scraped", 0.0),
-                                                ("while_scraped_every_1s", 1.0)), start=2):
-            result[phase] = intake(base, broker, args, tasks, seed, every)
+        for seed, (phase, every, probe) in enumerate((("alone", None, False), ("while_scraped_every_1s", 1.0, False),
+                                                       ("while_scraped", 0.0, True)), start=2):
+            result[phase] = intake(base, broker, args, tasks, seed, every, probe, exporter.pid)
             wait_idle(watch, time.time(), args.max_wait)  # the backlog drained before the next phase
         for phase in ("while_scraped", "while_scraped_every_1s"):
             result[phase]["ratio"] = round(result[phase]["events_per_s"] / result["alone"]["events_per_s"], 3)
@@ -240,22 +244,28 @@ def exact_events(base: str) -> tuple[float, float]:
     return time.time(), events_in(body)
 
 
-def intake(base: str, broker, args, tasks: int, seed: int, every: float | None) -> dict:
+def intake(base: str, broker, args, tasks: int, seed: int, every: float | None, probe: bool, pid: int) -> dict:
     """Events/s applied within ``args.window`` seconds of a storm, ``every`` None: no scrapers;
     0: two back to back; N: two, each every N seconds. ``behind`` says the exporter still had
     a backlog at the window's end (else the rate is the storm's, not the exporter's)."""
     _, before = exact_events(base)
     proc, _ = storm(broker, args, tasks, seed)
-    load = Load(base, every) if every is not None else contextlib.nullcontext()
+    load = Load(base, every, probe) if every is not None else contextlib.nullcontext()
     with load:
         time.sleep(args.fill)
         t0, c0 = exact_events(base)
+        cpu0 = proc_cpu(pid)
         time.sleep(args.window)
         t1, c1 = exact_events(base)
+        cpu1 = proc_cpu(pid)
     sent = finish(proc)
+    # The exporter's CPU in the window: a share of a core far below 1 while behind means the
+    # machine's cores were taken (broker, storm, scrapers), not that the exporter spent more per event.
     figures = {"events_per_s": round((c1 - c0) / (t1 - t0)), "window_s": round(t1 - t0, 2),
+               "exporter_cores": round((cpu1 - cpu0) / (t1 - t0), 2),
+               "cpu_us_per_event": round((cpu1 - cpu0) / max(1.0, c1 - c0) * 1e6, 1),
                "storm_events": sent["events"], "behind": c1 - before < sent["events"]}
-    if every is not None:
+    if probe:
         figures.update(probe_figures(load))
     return figures
 
