@@ -232,3 +232,32 @@ def test_a_non_finite_value_that_reached_the_model_is_dropped_and_counted(collec
     assert caplog.text.count("celery_worker_start_time_seconds") == 1
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
     assert all(math.isfinite(s.value) for f in parse_openmetrics(openmetrics + "# EOF\n") for s in f.samples)
+
+
+def test_no_garbage_collection_while_a_render_holds_its_samples(monkeypatch):
+    import gc
+
+    from celery_health_exporter import metrics
+
+    seen = []
+    real = metrics.render_families
+
+    def watching(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "render_families", watching)
+    collector = StateCollector(ClusterState(), [])
+    assert gc.isenabled()
+    collector.render()
+    assert seen == [False] and gc.isenabled()  # paused for the render, back on after it
+    with metrics._collection_paused:  # a render inside another one (two formats at once)
+        collector.render()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        collector.render()
+        assert not gc.isenabled()  # a collector switched off by someone else stays off
+    finally:
+        gc.enable()
