@@ -26,38 +26,50 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-# A body rendered less than this long ago serves the next scrapes too: at most one render
-# a second whatever the number of scrapers (an HA pair, a scrape_interval of 1s, a curl loop),
-# so that scraping cannot starve event intake of the GIL. Prometheus scrapes every 15-60 s:
-# a body a second old is as good as a new one.
-RENDER_REUSE_SECONDS = 1.0
+# A rendered body serves the scrapes that come soon after it too, for long enough that
+# renders take at most RENDER_SHARE of the time however often the exporter is scraped (an HA
+# pair, a scrape_interval of 1s, a curl loop): render_seconds / RENDER_SHARE, within
+# REUSE_SECONDS. At 25,000 task flows a render takes ~0.1 s: a body serves 2 s. A Prometheus
+# that scrapes every 15 s sees a body at most a few seconds old, as good as a new one.
+RENDER_SHARE = 0.05
+REUSE_SECONDS = (1.0, 5.0)
 
 
 class SharedRenders:
     """One render serves every scrape of the same format that arrives while it is under way
-    or within ``reuse_for`` seconds after it finished: the CPU (and the GIL) a render would
-    take again stays with event intake and the probes."""
+    or within its reuse time after it finished: the CPU (and the GIL) a render would take
+    again stays with event intake and the probes."""
 
-    def __init__(self, reuse_for: float = RENDER_REUSE_SECONDS):
-        self.reuse_for = reuse_for
+    def __init__(self, share: float = RENDER_SHARE, reuse_seconds: tuple[float, float] = REUSE_SECONDS):
+        self.share = share
+        self.floor, self.ceiling = reuse_seconds
         self._pending: dict[tuple, asyncio.Future] = {}
-        self._done: dict[tuple, tuple[float, bytes]] = {}  # key -> (when it finished, monotonic; body)
+        self._done: dict[tuple, tuple[float, float, bytes]] = {}  # key -> (finished, monotonic; seconds; body)
 
     async def get(self, key: tuple, render) -> bytes:
         done = self._done.get(key)
-        if done is not None and time.monotonic() - done[0] < self.reuse_for:
-            return done[1]
+        if done is not None and time.monotonic() - done[0] < self.reuse_for(done[1]):
+            return done[2]
         future = self._pending.get(key)
         if future is None:
-            future = self._pending[key] = asyncio.ensure_future(asyncio.to_thread(render))
+            future = self._pending[key] = asyncio.ensure_future(asyncio.to_thread(self._timed, render))
             future.add_done_callback(lambda finished: self._finished(key, finished))
         # shielded: a scraper that hangs up does not cancel the render the others wait for
-        return await asyncio.shield(future)
+        return (await asyncio.shield(future))[1]
+
+    @staticmethod
+    def _timed(render) -> tuple[float, bytes]:
+        started = time.monotonic()
+        body = render()
+        return time.monotonic() - started, body
 
     def _finished(self, key: tuple, future: asyncio.Future) -> None:
         self._pending.pop(key, None)
         if not future.cancelled() and future.exception() is None:
-            self._done[key] = (time.monotonic(), future.result())
+            self._done[key] = (time.monotonic(), *future.result())
+
+    def reuse_for(self, render_seconds: float) -> float:
+        return min(self.ceiling, max(self.floor, render_seconds / self.share))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -133,6 +133,6 @@ def test_scrapes_that_arrive_during_a_render_or_just_after_share_it(served):
     assert bodies[0][1] == bodies[1][1] == bodies[2][1] and "celery_exporter_scrape_collector_success" in bodies[0][1]
     assert http_get(base + "/metrics", timeout=30)[1] == bodies[0][1]  # just after it: the same body
     assert len(renders) == 1
-    shared.reuse_for = 0
+    shared.floor = shared.ceiling = 0
     http_get(base + "/metrics", timeout=30)
     assert len(renders) == 2  # later: a render of its own
