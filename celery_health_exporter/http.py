@@ -29,10 +29,12 @@ def accepts_gzip(accept_encoding: str) -> bool:
 # A rendered body serves the scrapes that come soon after it too, for long enough that
 # renders take at most RENDER_SHARE of the time however often the exporter is scraped (an HA
 # pair, a scrape_interval of 1s, a curl loop): render_seconds / RENDER_SHARE, within
-# REUSE_SECONDS. At 25,000 task flows a render takes ~0.1 s: a body serves 2 s. A Prometheus
-# that scrapes every 15 s sees a body at most a few seconds old, as good as a new one.
+# REUSE_SECONDS. At 25,000 task flows a render takes ~0.1 s: a body serves 2 s; a small
+# cluster's render of a few milliseconds serves a tenth of a second, so that what a scrape
+# shows lags behind the model only where rendering is what costs. A Prometheus that scrapes
+# every 15 s sees a body at most a few seconds old, as good as a new one.
 RENDER_SHARE = 0.05
-REUSE_SECONDS = (1.0, 5.0)
+REUSE_SECONDS = (0.0, 5.0)
 
 
 class SharedRenders:

@@ -40,7 +40,7 @@ class Docker:
         return json.loads(self.run("inspect", obj).stdout)[0]
 
     def start(self, *args: str, name_prefix: str = "che-test") -> str:
-        """docker run -d; the container is removed when the session ends."""
+        """docker run -d; the container is removed when the test ends (tests/image/conftest.py)."""
         name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
         self.containers.append(name)
         self.run("run", "-d", "--name", name, "--label", "celery-health-exporter-test=1", *args)
@@ -50,10 +50,11 @@ class Docker:
         proc = self.run("logs", name, check=False)
         return (proc.stdout + proc.stderr)[-4000:]
 
-    def remove_all(self):
-        if self.containers:
-            self.run("rm", "-f", "-v", *self.containers, check=False)
-            self.containers.clear()
+    def remove_all(self, keep: int = 0):
+        """Remove the containers started since the first ``keep`` ones."""
+        if len(self.containers) > keep:
+            self.run("rm", "-f", "-v", *self.containers[keep:], check=False)
+            del self.containers[keep:]
 
 
 def start_engine() -> Docker:
